@@ -1,0 +1,188 @@
+"""ResNet and ResNeXt, module for module the layout of torchvision's ``ResNet``.
+
+State-dict keys, shapes, initialisation and the order of operations are torchvision's, so the
+published checkpoints load with ``strict=True`` and give the same outputs, and the constructor
+takes torchvision's keyword arguments. Nothing here imports torchvision.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+NormLayer = Callable[[int], nn.Module]
+
+
+def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_planes, out_planes, 3, stride=stride, padding=dilation, groups=groups,
+                     bias=False, dilation=dilation)
+
+
+def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False)
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
+                 groups: int = 1, base_width: int = 64, dilation: int = 1, norm_layer: NormLayer | None = None):
+        super().__init__()
+        norm_layer = norm_layer or nn.BatchNorm2d
+        if groups != 1 or base_width != 64:
+            raise ValueError("BasicBlock only supports groups=1 and width_per_group=64")
+        if dilation > 1:
+            raise ValueError("BasicBlock (ResNet-18) does not support dilation: "
+                             "leave replace_stride_with_dilation unset")
+        self.conv1 = conv3x3(inplanes, planes, stride)
+        self.bn1 = norm_layer(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = conv3x3(planes, planes)
+        self.bn2 = norm_layer(planes)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return self.relu(out)
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
+                 groups: int = 1, base_width: int = 64, dilation: int = 1, norm_layer: NormLayer | None = None):
+        super().__init__()
+        norm_layer = norm_layer or nn.BatchNorm2d
+        width = int(planes * (base_width / 64.0)) * groups
+        self.conv1 = conv1x1(inplanes, width)
+        self.bn1 = norm_layer(width)
+        self.conv2 = conv3x3(width, width, stride, groups, dilation)
+        self.bn2 = norm_layer(width)
+        self.conv3 = conv1x1(width, planes * self.expansion)
+        self.bn3 = norm_layer(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        out += identity
+        return self.relu(out)
+
+
+BLOCKS: dict[str, type[BasicBlock] | type[Bottleneck]] = {"basic": BasicBlock, "bottleneck": Bottleneck}
+
+
+class ResNet(nn.Module):
+    """torchvision's ResNet: ``ResNet(block, layers, num_classes=1000, zero_init_residual=False,
+    groups=1, width_per_group=64, replace_stride_with_dilation=None, norm_layer=None)``.
+
+    ``num_classes=0`` replaces the classifier with ``nn.Identity``: the model returns pooled features.
+    """
+
+    def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: Sequence[int], num_classes: int = 1000,
+                 zero_init_residual: bool = False, groups: int = 1, width_per_group: int = 64,
+                 replace_stride_with_dilation: Sequence[bool] | None = None, norm_layer: NormLayer | None = None):
+        super().__init__()
+        self._norm_layer = norm_layer or nn.BatchNorm2d
+        self.inplanes = 64
+        self.dilation = 1
+        dilate = list(replace_stride_with_dilation or (False, False, False))
+        if len(dilate) != 3:
+            raise ValueError("replace_stride_with_dilation should be None or 3 booleans (layer2, layer3, layer4), "
+                             f"got {replace_stride_with_dilation!r}")
+        self.groups = groups
+        self.base_width = width_per_group
+        self.conv1 = nn.Conv2d(3, self.inplanes, 7, stride=2, padding=3, bias=False)
+        self.bn1 = self._norm_layer(self.inplanes)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        self.layer1 = self._make_layer(block, 64, layers[0])
+        self.layer2 = self._make_layer(block, 128, layers[1], stride=2, dilate=dilate[0])
+        self.layer3 = self._make_layer(block, 256, layers[2], stride=2, dilate=dilate[1])
+        self.layer4 = self._make_layer(block, 512, layers[3], stride=2, dilate=dilate[2])
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.num_features = 512 * block.expansion
+        self.fc = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
+
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+        if zero_init_residual:
+            # Each residual branch starts as zero, so each block starts as the identity.
+            for m in self.modules():
+                if isinstance(m, Bottleneck) and m.bn3.weight is not None:
+                    nn.init.constant_(m.bn3.weight, 0)
+                elif isinstance(m, BasicBlock) and m.bn2.weight is not None:
+                    nn.init.constant_(m.bn2.weight, 0)
+
+    def _make_layer(self, block: type[BasicBlock] | type[Bottleneck], planes: int, blocks: int,
+                    stride: int = 1, dilate: bool = False) -> nn.Sequential:
+        norm_layer = self._norm_layer
+        downsample = None
+        previous_dilation = self.dilation
+        if dilate:
+            self.dilation *= stride
+            stride = 1
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(conv1x1(self.inplanes, planes * block.expansion, stride),
+                                       norm_layer(planes * block.expansion))
+        layers = [block(self.inplanes, planes, stride, downsample, self.groups, self.base_width,
+                        previous_dilation, norm_layer)]
+        self.inplanes = planes * block.expansion
+        layers += [block(self.inplanes, planes, groups=self.groups, base_width=self.base_width,
+                         dilation=self.dilation, norm_layer=norm_layer) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+STAGES = ("relu", "layer1", "layer2", "layer3", "layer4")  # out_indices 0..4: strides 2, 4, 8, 16, 32
+
+
+class ResNetFeatures(ResNet):
+    """A ResNet backbone that returns feature maps instead of logits, for detection and segmentation.
+
+    ``out_indices`` picks from the stem (0, stride 2) and ``layer1`` ... ``layer4`` (1-4, strides 4, 8, 16,
+    32), as timm's ``features_only`` does. Stages past the last one asked for, the pooling and the
+    classifier are dropped, and the remaining state-dict keys are those of the full ResNet.
+    ``feature_info`` lists the module, channels and stride of each returned map.
+    """
+
+    def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: Sequence[int],
+                 out_indices: Sequence[int] = (1, 2, 3, 4), **kwargs):
+        super().__init__(block, layers, num_classes=0, **kwargs)
+        self.out_indices = tuple(out_indices)
+        channels = [64] + [64 * 2**i * block.expansion for i in range(4)]
+        reductions = [2, 4]  # the stem, then layer1 after the max-pool
+        for dilated in kwargs.get("replace_stride_with_dilation") or (False, False, False):
+            reductions.append(reductions[-1] * (1 if dilated else 2))
+        self.feature_info = [{"module": STAGES[i], "num_chs": channels[i], "reduction": reductions[i]}
+                             for i in self.out_indices]
+        for name in STAGES[max(self.out_indices) + 1:]:
+            delattr(self, name)
+        del self.avgpool, self.fc
+
+    def forward(self, x: Tensor) -> list[Tensor]:  # type: ignore[override]
+        x = self.relu(self.bn1(self.conv1(x)))
+        features = [x] if 0 in self.out_indices else []
+        x = self.maxpool(x)
+        for i in range(1, max(self.out_indices) + 1):
+            x = getattr(self, STAGES[i])(x)
+            if i in self.out_indices:
+                features.append(x)
+        return features
