@@ -1,0 +1,160 @@
+"""Build the model for one of the twelve entries: architecture, weights and metadata."""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .registry import MIRROR_ENV, WEIGHTS, WeightSet
+from .resnet import BLOCKS, STAGES, ResNet, ResNetFeatures
+
+try:  # imported through hubconf.py's private package name
+    from ..utils import checkpoint
+    from ..utils.preprocess import Preprocess
+except ImportError:  # imported as a top-level package, from the repository root
+    from utils import checkpoint
+    from utils.preprocess import Preprocess
+
+logger = logging.getLogger("semi_supervised_hub")
+
+TORCHVISION_KWARGS = ("zero_init_residual", "groups", "width_per_group", "replace_stride_with_dilation",
+                      "norm_layer")
+
+
+def create_model(entry: str, *, pretrained: bool = True, progress: bool = True,
+                 weights: str | os.PathLike | None = None, num_classes: int = 1000, features_only: bool = False,
+                 out_indices: Sequence[int] | None = None, **kwargs) -> nn.Module:
+    """The model of ``entry`` (e.g. "resnet50_swsl"); see ``torch.hub.help`` for the arguments."""
+    if entry not in WEIGHTS:
+        raise ValueError(f"unknown model {entry!r}; choose one of: {', '.join(WEIGHTS)}")
+    weight_set = WEIGHTS[entry]
+    arch_kwargs = _arch_kwargs(weight_set, kwargs)
+    _check_flags(entry, pretrained=pretrained, progress=progress, features_only=features_only)
+    _check_num_classes(num_classes, features_only)
+    if features_only:
+        out_indices = _check_out_indices((1, 2, 3, 4) if out_indices is None else out_indices)
+    elif out_indices is not None:
+        raise ValueError("out_indices applies only with features_only=True")
+    if weights is not None and not pretrained:
+        raise ValueError(f"weights={weights!r} was given with pretrained=False: pass one or the other")
+
+    origin = None
+    if pretrained:  # fetch first, so that a failed download costs no model construction
+        path, origin = _checkpoint(weight_set, weights, progress)
+        state_dict = checkpoint.load_state_dict(path)
+
+    # Weights that the checkpoint overwrites are never initialised: on the meta device they are not
+    # even allocated, and load_into then assigns the checkpoint's tensors in their place.
+    with torch.device("meta") if pretrained else contextlib.nullcontext():
+        if features_only:
+            model = ResNetFeatures(**arch_kwargs, out_indices=out_indices)
+        else:
+            model = ResNet(**arch_kwargs, num_classes=num_classes)
+
+    if pretrained:
+        new_head = not features_only and num_classes != 1000
+        skip = ("fc.",) if new_head or features_only else ()
+        if features_only:
+            skip += tuple(f"{stage}." for stage in STAGES[max(out_indices) + 1:])
+        checkpoint.load_into(model, state_dict, origin=origin, skip=skip)
+        del state_dict
+        if new_head and num_classes:
+            model.fc = nn.Linear(model.num_features, num_classes)
+            logger.warning("%s: pretrained backbone with a new, randomly initialised %d-class head (fc); "
+                           "train it before use", entry, num_classes)
+
+    model.pretrained_cfg = {**weight_set.config(), "pretrained": pretrained, "source": origin}
+    model.preprocess = Preprocess.from_config(model.pretrained_cfg)
+    return model.eval()
+
+
+def entry(name: str) -> Callable[..., nn.Module]:
+    """The torch.hub entry point of one weight set, documented from the registry."""
+    def load(**kwargs) -> nn.Module:
+        return create_model(name, **kwargs)
+
+    load.__name__ = load.__qualname__ = name
+    load.__doc__ = WEIGHTS[name].docstring()
+    load.__signature__ = _ENTRY_SIGNATURE
+    return load
+
+
+_ENTRY_SIGNATURE = inspect.signature(create_model).replace(
+    parameters=list(inspect.signature(create_model).parameters.values())[1:])
+
+
+def published_url(weight_set: WeightSet) -> str:
+    """The published file's URL, or its URL on the mirror that ``$SEMI_SUPERVISED_WEIGHTS_MIRROR`` names."""
+    base = os.environ.get(MIRROR_ENV, "").strip()
+    if not base:
+        return weight_set.url
+    if "://" not in base:  # a directory
+        base = Path(base).expanduser().resolve().as_uri()
+    elif base.split("://", 1)[0] not in checkpoint.URL_SCHEMES:
+        raise ValueError(f"{MIRROR_ENV}={base!r} is not an http(s):// or file:// URL, nor a directory")
+    return base.rstrip("/") + "/" + weight_set.file_name
+
+
+def _checkpoint(weight_set: WeightSet, weights: str | os.PathLike | None, progress: bool) -> tuple[Path, str]:
+    """The local path of the checkpoint to load, and where it came from."""
+    if weights is None:
+        url = published_url(weight_set)
+        remedy = f"; set {MIRROR_ENV} to a mirror's base URL or directory"
+        return checkpoint.fetch(url, expected_hash=weight_set.hash_prefix, progress=progress, remedy=remedy), url
+    if not isinstance(weights, (str, os.PathLike)):
+        raise TypeError(f"weights must be None, a file path or a URL, got {type(weights).__name__}")
+    weights = os.fspath(weights)
+    if "://" in weights:
+        if weights.split("://", 1)[0] not in checkpoint.URL_SCHEMES:
+            raise ValueError(f"weights={weights!r}: only http://, https:// and file:// URLs are supported")
+        return checkpoint.fetch(weights, progress=progress), weights
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"weights={weights!r}: no such file")
+    if expected := checkpoint.hash_prefix(path.name):
+        checkpoint.verify(path, expected, str(path))
+    return path, str(path)
+
+
+def _arch_kwargs(weight_set: WeightSet, kwargs: dict) -> dict:
+    """ResNet's constructor arguments: the entry's architecture plus torchvision keywords that agree with it."""
+    unknown = sorted(kwargs.keys() - set(TORCHVISION_KWARGS))
+    if unknown:
+        raise TypeError(f"{weight_set.entry}() got unexpected keyword argument(s) {', '.join(unknown)}; it takes "
+                        f"{', '.join(p for p in _ENTRY_SIGNATURE.parameters if p != 'kwargs')} and torchvision ResNet's "
+                        f"{', '.join(TORCHVISION_KWARGS)}")
+    arch = weight_set.arch
+    for key in ("groups", "width_per_group"):
+        if key in kwargs and kwargs[key] != getattr(arch, key):
+            raise ValueError(f"{weight_set.entry} is {arch.title}, with {key}={getattr(arch, key)}; got "
+                             f"{key}={kwargs[key]!r}. Leave it unset, or pick the entry of the architecture you want.")
+    return {**kwargs, "block": BLOCKS[arch.block], "layers": arch.layers, "groups": arch.groups,
+            "width_per_group": arch.width_per_group}
+
+
+def _check_flags(entry: str, **flags) -> None:
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{entry}(): {name} must be True or False, got {value!r}")
+
+
+def _check_num_classes(num_classes, features_only: bool) -> None:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+        raise ValueError(f"num_classes must be a whole number >= 0 (0 for pooled features), got {num_classes!r}")
+    if features_only and num_classes != 1000:
+        raise ValueError("features_only=True returns feature maps and has no classifier: leave num_classes unset")
+
+
+def _check_out_indices(out_indices) -> tuple[int, ...]:
+    indices = tuple(out_indices) if isinstance(out_indices, Sequence) and not isinstance(out_indices, str) else None
+    if (not indices or any(isinstance(i, bool) or not isinstance(i, int) for i in indices)
+            or any(not 0 <= i < len(STAGES) for i in indices) or list(indices) != sorted(set(indices))):
+        raise ValueError("out_indices must be increasing stage numbers from 0 (stem, stride 2) to 4 "
+                         f"(layer4, stride 32), e.g. (1, 2, 3, 4); got {out_indices!r}")
+    return indices

@@ -1,0 +1,1 @@
+"""Checkpoint download, verification and loading; inference tools."""
