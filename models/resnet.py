@@ -113,6 +113,12 @@ class ResNet(nn.Module):
         self.num_features = 512 * block.expansion
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
 
+        # On the meta device there is nothing to initialise (and the init functions would import
+        # torch._dynamo there, a second and a half): the checkpoint's tensors are assigned instead.
+        if not self.conv1.weight.is_meta:
+            self._init_weights(zero_init_residual)
+
+    def _init_weights(self, zero_init_residual: bool) -> None:
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
