@@ -62,7 +62,7 @@ def create_model(entry: str, *, pretrained: bool = True, progress: bool = True,
         skip = ("fc.",) if new_head or features_only else ()
         if features_only:
             skip += tuple(f"{stage}." for stage in STAGES[max(out_indices) + 1:])
-        checkpoint.load_into(model, state_dict, origin=origin, skip=skip)
+        checkpoint.load_into(model, state_dict, origin=origin, target=f"{entry} ({weight_set.arch.title})", skip=skip)
         del state_dict
         if new_head and num_classes:
             model.fc = nn.Linear(model.num_features, num_classes)

@@ -124,8 +124,10 @@ def _unreadable(path: Path, error: Exception, in_cache: bool) -> str:
     return f"could not read the checkpoint {path}: {type(error).__name__}: {error}. {remedy}"
 
 
-def load_into(model: nn.Module, state_dict: dict[str, Tensor], *, origin: str, skip: tuple[str, ...] = ()) -> None:
-    """Load ``state_dict`` into ``model`` strictly, assigning its tensors (no copy).
+def load_into(model: nn.Module, state_dict: dict[str, Tensor], *, origin: str, target: str,
+              skip: tuple[str, ...] = ()) -> None:
+    """Load ``state_dict`` (from ``origin``) into ``model`` (described as ``target``) strictly, assigning
+    its tensors rather than copying them.
 
     Keys starting with a prefix in ``skip`` are left out on both sides (a head the caller replaces,
     stages a backbone does not keep). Anything else missing, unexpected or of the wrong shape is an error.
@@ -140,7 +142,7 @@ def load_into(model: nn.Module, state_dict: dict[str, Tensor], *, origin: str, s
         problems = [f"{label} ({len(keys)}): {', '.join(keys[:8])}{', ...' if len(keys) > 8 else ''}"
                     for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
                                         ("wrong shapes", sorted(shapes))) if keys]
-        raise CheckpointError(f"{origin} does not fit {type(model).__name__}: " + "; ".join(problems)
+        raise CheckpointError(f"{origin} does not fit {target}: " + "; ".join(problems)
                               + ". Use a checkpoint saved from the same architecture.")
     model.load_state_dict(state_dict, strict=False, assign=True)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta and not n.startswith(skip)]
