@@ -1,0 +1,95 @@
+"""Shared fixtures: an isolated torch.hub cache, a loopback HTTP server and generated checkpoints.
+
+Nothing here touches the network: checkpoints are made by the tests in torch's legacy (pre-1.6)
+format, as the published files are, and served from 127.0.0.1.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from models import create_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def torch_home(tmp_path, monkeypatch) -> Path:
+    """Every test gets an empty torch.hub cache, found through TORCH_HOME as a user's would be."""
+    home = tmp_path / "torch_home"
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    monkeypatch.delenv("SEMI_SUPERVISED_WEIGHTS_MIRROR", raising=False)
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)
+    return home
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def save_legacy(state_dict: dict, directory: Path, stem: str) -> Path:
+    """Save like the published files: legacy format, named <stem>-<first 8 hex digits of the SHA-256>.pth."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f"{stem}.tmp"
+    torch.save(state_dict, tmp, _use_new_zipfile_serialization=False)
+    return tmp.rename(directory / f"{stem}-{sha256(tmp)[:8]}.pth")
+
+
+def random_state_dict(entry: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A state dict of the entry's architecture whose BatchNorm statistics are not the trivial 0/1,
+    so that loading it (or failing to) shows in the outputs."""
+    torch.manual_seed(seed)
+    state_dict = create_model(entry, pretrained=False).state_dict()
+    for key, value in state_dict.items():
+        if key.endswith(("running_var", "bn1.weight", "bn2.weight", "bn3.weight")):
+            value.uniform_(0.5, 1.5)
+        elif key.endswith(("running_mean", ".bias")):
+            value.uniform_(-0.2, 0.2)
+    return state_dict
+
+
+@pytest.fixture(scope="session")
+def resnet18_checkpoint(tmp_path_factory) -> Path:
+    """A legacy-format ResNet-18 checkpoint, made once per session."""
+    return save_legacy(random_state_dict("resnet18_ssl"), tmp_path_factory.mktemp("checkpoints"), "resnet18")
+
+
+class Server:
+    """A static file server on 127.0.0.1 that counts the requests it answers."""
+
+    def __init__(self, root: Path):
+        self.root, self.requests = root, []
+        server = self
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def log_message(self, *args):
+                server.requests.append(self.path)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=root))
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}/"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def serve(self, path: Path, name: str | None = None) -> str:
+        """Put ``path`` on the server (as ``name``) and return its URL."""
+        shutil.copyfile(path, self.root / (name or path.name))
+        return self.url + (name or path.name)
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server(tmp_path):
+    root = tmp_path / "served"
+    root.mkdir()
+    s = Server(root)
+    yield s
+    s.close()

@@ -1,0 +1,248 @@
+"""Downloading, verifying and loading checkpoints: the real code against a loopback server."""
+import dataclasses
+import logging
+import os
+import shutil
+
+import pytest
+import torch
+
+from models import WEIGHTS, create_model
+from utils.checkpoint import CheckpointError, hash_prefix
+
+from .conftest import random_state_dict, save_legacy, sha256
+
+X = torch.randn(2, 3, 64, 64)
+
+
+def reference(checkpoint_path, entry="resnet18_ssl", **kwargs):
+    """An untrained model with the checkpoint loaded the plain way, to compare against."""
+    model = create_model(entry, pretrained=False, **kwargs)
+    model.load_state_dict(torch.load(checkpoint_path, weights_only=True))
+    return model
+
+
+def cached(torch_home):
+    directory = torch_home / "hub" / "checkpoints"
+    return sorted(p.name for p in directory.iterdir()) if directory.exists() else []
+
+
+def test_download_into_torch_home_verified_then_offline(server, resnet18_checkpoint, torch_home):
+    url = server.serve(resnet18_checkpoint)
+    model = create_model("resnet18_ssl", weights=url, progress=False)
+    assert cached(torch_home) == [resnet18_checkpoint.name]
+    assert sha256(torch_home / "hub/checkpoints" / resnet18_checkpoint.name) == sha256(resnet18_checkpoint)
+    with torch.no_grad():
+        torch.testing.assert_close(model(X), reference(resnet18_checkpoint)(X), rtol=0, atol=0)
+    assert model.pretrained_cfg["source"] == url and model.pretrained_cfg["pretrained"] is True
+
+    server.close()  # the cached file is used: no second request is needed
+    again = create_model("resnet18_ssl", weights=url)
+    assert server.requests.count("/" + resnet18_checkpoint.name) == 1
+    assert torch.equal(again.fc.weight, model.fc.weight)
+
+
+def test_weights_are_assigned_not_copied_and_nothing_is_left_on_meta(server, resnet18_checkpoint):
+    model = create_model("resnet18_ssl", weights=server.serve(resnet18_checkpoint))
+    tensors = [*model.parameters(), *model.buffers()]
+    assert not any(t.is_meta for t in tensors)
+    assert all(t.dtype in (torch.float32, torch.int64) for t in tensors)
+    assert all(isinstance(p, torch.nn.Parameter) and p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_progress_bar_on_and_off(server, resnet18_checkpoint, capfd, progress):
+    create_model("resnet18_ssl", weights=server.serve(resnet18_checkpoint), progress=progress)
+    err = capfd.readouterr().err
+    assert f'Downloading: "{server.url}{resnet18_checkpoint.name}"' in err
+    assert ("100" in err and "%" in err) is progress
+
+
+def test_hash_mismatch_names_url_expected_and_actual_and_caches_nothing(server, resnet18_checkpoint, torch_home):
+    url = server.serve(resnet18_checkpoint, "resnet18-0123abcd.pth")
+    actual = sha256(resnet18_checkpoint)[:8]
+    with pytest.raises(CheckpointError, match=f"SHA-256 mismatch for {url}: expected .*0123abcd, got {actual}"):
+        create_model("resnet18_ssl", weights=url)
+    assert cached(torch_home) == []
+
+
+def test_http_404_is_a_clear_error_and_caches_nothing(server, torch_home):
+    url = server.url + "missing-0123abcd.pth"
+    with pytest.raises(CheckpointError, match=f"could not download {url}: HTTP 404.*weights=<its path>"):
+        create_model("resnet18_ssl", weights=url)
+    assert cached(torch_home) == []
+
+
+def test_weights_file_url(resnet18_checkpoint, torch_home):
+    model = create_model("resnet18_ssl", weights=resnet18_checkpoint.as_uri())
+    assert cached(torch_home) == [resnet18_checkpoint.name]
+    torch.testing.assert_close(model(X), reference(resnet18_checkpoint)(X), rtol=0, atol=0)
+
+
+def test_weights_local_path_is_used_in_place_and_hash_checked(resnet18_checkpoint, tmp_path, torch_home):
+    model = create_model("resnet18_ssl", weights=resnet18_checkpoint)
+    torch.testing.assert_close(model(X), reference(resnet18_checkpoint)(X), rtol=0, atol=0)
+    assert cached(torch_home) == [] and model.pretrained_cfg["source"] == str(resnet18_checkpoint)
+
+    bad = tmp_path / "resnet18-0123abcd.pth"
+    shutil.copyfile(resnet18_checkpoint, bad)
+    with pytest.raises(CheckpointError, match="expected a hash starting 0123abcd"):
+        create_model("resnet18_ssl", weights=str(bad))
+
+
+def test_weights_path_without_hash_and_in_zip_format(tmp_path):
+    state_dict = random_state_dict("resnet18_ssl", seed=3)
+    path = tmp_path / "finetuned.pth"
+    torch.save(state_dict, path)  # the current zip format: loaded memory-mapped
+    model = create_model("resnet18_ssl", weights=path)
+    torch.testing.assert_close(model.state_dict(), state_dict, rtol=0, atol=0)
+
+
+def test_training_checkpoints_and_dataparallel_prefixes_are_unwrapped(tmp_path):
+    state_dict = random_state_dict("resnet18_ssl", seed=4)
+    path = tmp_path / "train.pth"
+    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in state_dict.items()}}, path)
+    torch.testing.assert_close(create_model("resnet18_ssl", weights=path).state_dict(), state_dict, rtol=0, atol=0)
+
+
+def test_missing_weights_file():
+    with pytest.raises(FileNotFoundError, match="weights='nowhere.pth': no such file"):
+        create_model("resnet18_ssl", weights="nowhere.pth")
+
+
+@pytest.mark.parametrize("weights, error, match", [
+    (42, TypeError, "weights must be None, a file path or a URL, got int"),
+    ("ftp://example.org/x.pth", ValueError, "only http://, https:// and file:// URLs"),
+])
+def test_bad_weights_argument(weights, error, match):
+    with pytest.raises(error, match=match):
+        create_model("resnet18_ssl", weights=weights)
+
+
+def test_keys_that_do_not_fit_are_listed(tmp_path):
+    state_dict = random_state_dict("resnet18_ssl")
+    del state_dict["layer1.0.bn1.running_mean"]
+    state_dict["extra.weight"] = torch.zeros(1)
+    state_dict["fc.weight"] = torch.zeros(10, 512)
+    path = save_legacy(state_dict, tmp_path, "broken")
+    with pytest.raises(CheckpointError) as error:
+        create_model("resnet18_ssl", weights=path)
+    message = str(error.value)
+    assert "missing keys (1): layer1.0.bn1.running_mean" in message
+    assert "unexpected keys (1): extra.weight" in message
+    assert "wrong shapes (1): fc.weight: (10, 512) in the file, (1000, 512) in the model" in message
+
+
+def test_checkpoint_of_another_architecture(resnet18_checkpoint):
+    with pytest.raises(CheckpointError, match=r"does not fit resnet50_ssl \(ResNet-50\): missing keys \(198\).*wrong shapes \(24\)"):
+        create_model("resnet50_ssl", weights=resnet18_checkpoint)
+
+
+def test_damaged_cached_file_names_the_file_and_the_remedy(resnet18_checkpoint, torch_home):
+    path = torch_home / "hub" / "checkpoints" / WEIGHTS["resnet18_ssl"].file_name
+    path.parent.mkdir(parents=True)
+    path.write_bytes(resnet18_checkpoint.read_bytes()[: 10_000_000])  # an interrupted copy
+    with pytest.raises(CheckpointError, match=f"could not read the checkpoint {path}.*delete it \\(rm '{path}'\\)"):
+        create_model("resnet18_ssl")
+
+
+def test_a_pickle_that_would_run_code_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "code-ran"
+
+    class Exploit:
+        def __reduce__(self):
+            return os.mkdir, (str(marker),)
+
+    path = tmp_path / "evil.pth"
+    torch.save({"fc.weight": torch.zeros(1), "payload": Exploit()}, path, _use_new_zipfile_serialization=False)
+    with pytest.raises(CheckpointError, match="refused to load .*evil.pth"):
+        create_model("resnet18_ssl", weights=path)
+    assert not marker.exists()
+
+
+def test_not_a_state_dict(tmp_path):
+    path = tmp_path / "list.pth"
+    torch.save([torch.zeros(1)], path)
+    with pytest.raises(CheckpointError, match="does not hold a state dict"):
+        create_model("resnet18_ssl", weights=path)
+
+
+def published(monkeypatch, checkpoint):
+    """Make resnet18_ssl's published file one the tests generated: same name pattern, a hash that matches."""
+    name = "semi_supervised_resnet18-" + sha256(checkpoint)[:8] + ".pth"
+    monkeypatch.setitem(WEIGHTS, "resnet18_ssl", dataclasses.replace(WEIGHTS["resnet18_ssl"], file_name=name))
+    return name
+
+
+@pytest.mark.parametrize("as_directory", [False, True])
+def test_mirror_variable_replaces_the_published_base_url(server, resnet18_checkpoint, monkeypatch, torch_home,
+                                                         as_directory):
+    name = published(monkeypatch, resnet18_checkpoint)
+    server.serve(resnet18_checkpoint, name)
+    monkeypatch.setenv("SEMI_SUPERVISED_WEIGHTS_MIRROR", str(server.root) if as_directory else server.url)
+    model = create_model("resnet18_ssl")
+    expected_source = (server.root / name).as_uri() if as_directory else server.url + name
+    assert model.pretrained_cfg["source"] == expected_source
+    assert model.pretrained_cfg["url"].startswith("https://dl.fbaipublicfiles.com/")  # the published address
+    assert cached(torch_home) == [name]
+    torch.testing.assert_close(model(X), reference(resnet18_checkpoint)(X), rtol=0, atol=0)
+
+
+def test_mirror_file_is_hash_checked_against_the_registry(server, resnet18_checkpoint, monkeypatch, torch_home):
+    name = WEIGHTS["resnet18_ssl"].file_name
+    server.serve(resnet18_checkpoint, name)  # the right name, the wrong contents
+    monkeypatch.setenv("SEMI_SUPERVISED_WEIGHTS_MIRROR", server.url)
+    with pytest.raises(CheckpointError, match=f"mismatch for {server.url}{name}: expected .*d92f0530"):
+        create_model("resnet18_ssl")
+    assert cached(torch_home) == []
+
+
+def test_mirror_that_is_not_a_url(monkeypatch):
+    monkeypatch.setenv("SEMI_SUPERVISED_WEIGHTS_MIRROR", "ftp://mirror/")
+    with pytest.raises(ValueError, match="SEMI_SUPERVISED_WEIGHTS_MIRROR='ftp://mirror/' is not"):
+        create_model("resnet18_ssl")
+
+
+def test_missing_published_file_suggests_the_mirror(server, monkeypatch):
+    monkeypatch.setenv("SEMI_SUPERVISED_WEIGHTS_MIRROR", server.url)
+    with pytest.raises(CheckpointError, match="HTTP 404.*set SEMI_SUPERVISED_WEIGHTS_MIRROR"):
+        create_model("resnet18_ssl")
+
+
+def test_new_head_keeps_the_pretrained_backbone(resnet18_checkpoint, caplog):
+    with caplog.at_level(logging.WARNING):
+        model = create_model("resnet18_ssl", weights=resnet18_checkpoint, num_classes=10)
+    assert "new, randomly initialised 10-class head" in caplog.text
+    full = reference(resnet18_checkpoint)
+    assert model.fc.weight.shape == (10, 512) and not model.fc.weight.is_meta
+    assert torch.equal(model.layer4[1].conv2.weight, full.layer4[1].conv2.weight)
+    full.fc = model.fc
+    torch.testing.assert_close(model(X), full(X), rtol=0, atol=0)
+
+
+def test_pooled_features(resnet18_checkpoint):
+    model = create_model("resnet18_ssl", weights=resnet18_checkpoint, num_classes=0)
+    full = reference(resnet18_checkpoint)
+    full.fc = torch.nn.Identity()
+    features = model(X)
+    assert features.shape == (2, 512)
+    torch.testing.assert_close(features, full(X), rtol=0, atol=0)
+
+
+def test_pretrained_features_only_equal_the_full_models_stages(resnet18_checkpoint):
+    model = create_model("resnet18_ssl", weights=resnet18_checkpoint, features_only=True, out_indices=(1, 2, 3))
+    full, seen = reference(resnet18_checkpoint), {}
+    for name in ("layer1", "layer2", "layer3"):
+        getattr(full, name).register_forward_hook(lambda m, i, out, name=name: seen.setdefault(name, out))
+    full(X)
+    features = model(X)
+    assert len(features) == 3 and not hasattr(model, "layer4")
+    for feature, name in zip(features, ("layer1", "layer2", "layer3")):
+        torch.testing.assert_close(feature, seen[name], rtol=0, atol=0)
+
+
+def test_hash_prefix_follows_torch_hub_convention():
+    assert hash_prefix("semi_supervised_resnet18-d92f0530.pth") == "d92f0530"
+    assert hash_prefix("https://host/a-b/semi_weakly_supervised_resnet50-16a12f1b.pth") == "16a12f1b"
+    assert hash_prefix("finetuned.pth") is None and hash_prefix("model-v2.pth") is None
+    assert all(hash_prefix(w.url) == w.hash_prefix for w in WEIGHTS.values())
