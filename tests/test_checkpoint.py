@@ -246,3 +246,22 @@ def test_hash_prefix_follows_torch_hub_convention():
     assert hash_prefix("https://host/a-b/semi_weakly_supervised_resnet50-16a12f1b.pth") == "16a12f1b"
     assert hash_prefix("finetuned.pth") is None and hash_prefix("model-v2.pth") is None
     assert all(hash_prefix(w.url) == w.hash_prefix for w in WEIGHTS.values())
+
+
+class FrozenBatchNorm2d(torch.nn.Module):
+    """BatchNorm with fixed statistics and no step counter, as detection backbones use."""
+
+    def __init__(self, n):
+        super().__init__()
+        for name, fill in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0), ("running_var", 1.0)):
+            self.register_buffer(name, torch.full((n,), fill))
+
+    def forward(self, x):
+        scale = self.weight * (self.running_var + 1e-5).rsqrt()
+        return x * scale[:, None, None] + (self.bias - self.running_mean * scale)[:, None, None]
+
+
+def test_frozen_batchnorm_backbone_loads_the_checkpoint(resnet18_checkpoint):
+    model = create_model("resnet18_ssl", weights=resnet18_checkpoint, norm_layer=FrozenBatchNorm2d)
+    assert isinstance(model.layer1[0].bn1, FrozenBatchNorm2d) and not list(model.layer1[0].bn1.parameters())
+    torch.testing.assert_close(model(X), reference(resnet18_checkpoint)(X), rtol=1e-4, atol=1e-4)

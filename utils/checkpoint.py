@@ -132,8 +132,10 @@ def load_into(model: nn.Module, state_dict: dict[str, Tensor], *, origin: str, t
     Keys starting with a prefix in ``skip`` are left out on both sides (a head the caller replaces,
     stages a backbone does not keep). Anything else missing, unexpected or of the wrong shape is an error.
     """
-    state_dict = {k: v for k, v in state_dict.items() if not k.startswith(skip)}
     expected = {k: v.shape for k, v in model.state_dict().items() if not k.startswith(skip)}
+    # BatchNorm's step counter is not a weight, and frozen BatchNorm layers (norm_layer=...) have none.
+    state_dict = {k: v for k, v in state_dict.items() if not k.startswith(skip)
+                  and (k in expected or not k.endswith(".num_batches_tracked"))}
     missing = sorted(expected.keys() - state_dict.keys())
     unexpected = sorted(state_dict.keys() - expected.keys())
     shapes = [f"{k}: {tuple(state_dict[k].shape)} in the file, {tuple(expected[k])} in the model"
