@@ -1,7 +1,7 @@
 """The twelve published weight sets: the one place that holds their URLs, hashes and numbers.
 
 Docstrings (``torch.hub.help``), the metadata every model carries (``model.pretrained_cfg``) and
-the README's model table are all derived from here; ``python -m models.registry`` prints that table.
+the README's model table are all derived from here; ``python -m models`` prints that table.
 """
 from __future__ import annotations
 
@@ -165,7 +165,3 @@ def markdown_table() -> str:
                     f"{w.reported[0]:.1f} / {w.reported[1]:.1f} | {w.measured[0]:.3f} / {w.measured[1]:.3f} | "
                     f"[{w.file_name}]({w.url}) |")
     return "\n".join(rows)
-
-
-if __name__ == "__main__":
-    print(markdown_table())

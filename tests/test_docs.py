@@ -1,0 +1,52 @@
+"""The README stays true: its table is the registry's, its examples run, CI runs its test command."""
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from models import WEIGHTS
+from models.registry import markdown_table
+
+from .conftest import REPO, random_state_dict
+
+README = (REPO / "README.md").read_text(encoding="utf-8")
+
+
+def code_blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", README, flags=re.S)
+
+
+def test_model_table_is_the_registrys():
+    assert markdown_table() in README
+
+
+def test_python_m_models_prints_the_table():
+    out = subprocess.run([sys.executable, "-W", "ignore", "-m", "models"], cwd=REPO, capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == markdown_table()
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    command = re.search(r"```sh\n(.*?)```", README.split("The test command", 1)[1], flags=re.S)[1].strip()
+    ci = [line for line in (REPO / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
+    assert ci[-1] == command
+
+
+EXAMPLES = [block for block in code_blocks("python") if 'torch.hub.load("OWNER/REPO"' in block]
+
+
+@pytest.mark.parametrize("block", EXAMPLES, ids=lambda b: b.split("\n")[0][:40])
+def test_readme_examples_run(block, torch_home, tmp_path, monkeypatch):
+    """Each example, pointed at this checkout, with generated checkpoints already in the cache."""
+    cache = torch_home / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    for entry in set(re.findall(r'"OWNER/REPO", "(\w+)"', block)):
+        torch.save(random_state_dict(entry), cache / WEIGHTS[entry].file_name, _use_new_zipfile_serialization=False)
+    Image.new("RGB", (640, 480), (120, 80, 40)).save(tmp_path / "cat.jpg")
+    monkeypatch.chdir(tmp_path)
+    code = re.sub(r'torch\.hub\.load\("OWNER/REPO", ("\w+")', rf'torch.hub.load({str(REPO)!r}, \1, source="local"',
+                  block)
+    exec(compile(code, "README.md", "exec"), {"torch": torch})
