@@ -31,7 +31,8 @@ COMMANDS = {
     "bare": "import torch; torch.load({file!r}, weights_only=True)",
     "hub": "import torch; torch.hub.load({repo!r}, {entry!r}, source='local')",
     "naive": ("import sys, torch; sys.path.insert(0, {repo!r}); from models import create_model; "
-              "m = create_model({entry!r}, pretrained=False); m.load_state_dict(torch.load({file!r}, weights_only=True))"),
+              "m = create_model({entry!r}, pretrained=False); "
+              "m.load_state_dict(torch.load({file!r}, weights_only=True))"),
 }
 TARGETS = {"hub": (1.15, 1.10)}
 

@@ -126,9 +126,9 @@ def _arch_kwargs(weight_set: WeightSet, kwargs: dict) -> dict:
     """ResNet's constructor arguments: the entry's architecture plus torchvision keywords that agree with it."""
     unknown = sorted(kwargs.keys() - set(TORCHVISION_KWARGS))
     if unknown:
+        own = ", ".join(p for p in _ENTRY_SIGNATURE.parameters if p != "kwargs")
         raise TypeError(f"{weight_set.entry}() got unexpected keyword argument(s) {', '.join(unknown)}; it takes "
-                        f"{', '.join(p for p in _ENTRY_SIGNATURE.parameters if p != 'kwargs')} and torchvision ResNet's "
-                        f"{', '.join(TORCHVISION_KWARGS)}")
+                        f"{own} and torchvision ResNet's {', '.join(TORCHVISION_KWARGS)}")
     arch = weight_set.arch
     for key in ("groups", "width_per_group"):
         if key in kwargs and kwargs[key] != getattr(arch, key):

@@ -134,7 +134,8 @@ def test_keys_that_do_not_fit_are_listed(tmp_path):
 
 
 def test_checkpoint_of_another_architecture(resnet18_checkpoint):
-    with pytest.raises(CheckpointError, match=r"does not fit resnet50_ssl \(ResNet-50\): missing keys \(198\).*wrong shapes \(24\)"):
+    match = r"does not fit resnet50_ssl \(ResNet-50\): missing keys \(198\).*wrong shapes \(24\)"
+    with pytest.raises(CheckpointError, match=match):
         create_model("resnet50_ssl", weights=resnet18_checkpoint)
 
 
