@@ -15,11 +15,14 @@ def _models():
     # torch.hub runs every repository's hubconf in one sys.modules, and other hub repositories and
     # users' scripts have top-level `models` and `utils` too. So this checkout's packages are
     # imported under a package name of their own, which nothing else can take or be taken by.
-    root = _Path(__file__).resolve().parent
-    name = "_semi_supervised_hub_" + _hashlib.sha256(str(root).encode()).hexdigest()[:12]
+    # The name also changes when the checkout is written anew (force_reload=True), so that a
+    # long-running session picks up the new code instead of the copy it imported before.
+    hubconf = _Path(__file__).resolve()
+    key = f"{hubconf.parent}:{hubconf.stat().st_mtime_ns}"
+    name = "_semi_supervised_hub_" + _hashlib.sha256(key.encode()).hexdigest()[:12]
     if name not in _sys.modules:
         spec = _importlib_util.spec_from_loader(name, loader=None, is_package=True)
-        spec.submodule_search_locations.append(str(root))
+        spec.submodule_search_locations.append(str(hubconf.parent))
         _sys.modules[name] = _importlib_util.module_from_spec(spec)
     return _importlib.import_module(name + ".models")
 

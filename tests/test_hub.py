@@ -1,4 +1,5 @@
 """torch.hub's view of the repository: list, help and load, as a user's notebook meets them."""
+import os
 import shutil
 import subprocess
 import sys
@@ -92,3 +93,18 @@ def test_loading_adds_one_private_package_and_nothing_heavy(resnet18_checkpoint)
                          capture_output=True, text=True, check=True).stdout.split()
     assert len(out) == 2 and out[0].startswith("_semi_supervised_hub_"), out
     assert out[1] == "False", "torch._dynamo was imported while loading"
+
+
+def test_force_reload_picks_up_the_new_code(github_copy):
+    first = torch.hub.load(GITHUB, "resnet18_ssl", trust_repo=True, skip_validation=True, pretrained=False)
+    again = torch.hub.load(GITHUB, "resnet18_ssl", trust_repo=True, skip_validation=True, pretrained=False)
+    assert type(again) is type(first)  # the same checkout is imported once
+
+    # What force_reload=True does: the repository is written anew, here with a changed registry.
+    registry = github_copy / "models" / "registry.py"
+    registry.write_text(registry.read_text().replace('"ResNet-18"', '"ResNet-18 (new)"'))
+    hubconf = github_copy / "hubconf.py"
+    hubconf.write_text(hubconf.read_text())
+    os.utime(hubconf, ns=(hubconf.stat().st_atime_ns, hubconf.stat().st_mtime_ns + 1_000_000))
+    text = torch.hub.help(GITHUB, "resnet18_ssl", trust_repo=True, skip_validation=True)
+    assert text.startswith("ResNet-18 (new),")
