@@ -1,20 +1,28 @@
 """The evaluation transform the published accuracies were measured with.
 
 Step for step torchvision's ``Resize(256, bilinear)``, ``CenterCrop(224)``, ``ToTensor()`` and
-``Normalize(mean, std)`` on a PIL image, without torchvision. Pillow is imported on first use, so
-loading a model needs nothing but torch.
+``Normalize(mean, std)`` on a PIL image, without torchvision. Pillow and NumPy are imported on first
+use, so loading a model needs nothing but torch.
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
+# Beyond this aspect ratio (a 1x5000 strip, say) resizing the whole image would allocate gigabytes:
+# only the crop is resampled then, which can differ from resize-then-crop by one grey level.
+MAX_ASPECT = 64
+
 
 class Preprocess:
-    """Image (PIL image or file path) -> normalised float tensor of shape (3, crop_size, crop_size)."""
+    """Image -> normalised float tensor of shape (3, crop_size, crop_size).
+
+    The image may be a file path, a PIL image, an HxWx3 uint8 NumPy array or a CHW uint8 or float
+    (0-1) tensor; see ``utils.images.open_rgb``. Inputs that are not usable images raise
+    ``utils.images.ImageError``.
+    """
 
     def __init__(self, resize_size: int, crop_size: int, mean: Sequence[float], std: Sequence[float],
                  interpolation: str = "bilinear"):
@@ -30,29 +38,29 @@ class Preprocess:
         return cls(cfg["resize_size"], cfg["input_size"][-1], cfg["mean"], cfg["std"], cfg["interpolation"])
 
     def __call__(self, image) -> Tensor:
+        import numpy as np
         from PIL import Image
 
-        if isinstance(image, (str, os.PathLike)):
-            with Image.open(image) as f:
-                image = f.convert("RGB")
-        elif not isinstance(image, Image.Image):
-            raise TypeError(f"expected a PIL image or a file path, got {type(image).__name__}")
-        elif image.mode != "RGB":
-            image = image.convert("RGB")
+        from .images import open_rgb
 
-        # Resize the shorter side, keeping the aspect ratio as torchvision rounds it.
+        image = open_rgb(image)
+        # Resize the shorter side, keeping the aspect ratio as torchvision rounds it, then centre-crop.
         w, h = image.size
-        short, long = min(w, h), max(w, h)
-        new_long = int(self.resize_size * long / short)
+        new_long = int(self.resize_size * max(w, h) / min(w, h))
         size = (self.resize_size, new_long) if w <= h else (new_long, self.resize_size)
-        if size != image.size:
-            image = image.resize(size, Image.BILINEAR)
-        w, h = image.size
-        top, left = int(round((h - self.crop_size) / 2.0)), int(round((w - self.crop_size) / 2.0))
-        image = image.crop((left, top, left + self.crop_size, top + self.crop_size))
+        top = int(round((size[1] - self.crop_size) / 2.0))
+        left = int(round((size[0] - self.crop_size) / 2.0))
+        crop = (left, top, left + self.crop_size, top + self.crop_size)
+        if new_long > MAX_ASPECT * self.resize_size:
+            sx, sy = w / size[0], h / size[1]
+            image = image.resize((self.crop_size, self.crop_size), Image.BILINEAR,
+                                 box=(crop[0] * sx, crop[1] * sy, crop[2] * sx, crop[3] * sy))
+        else:
+            if size != image.size:
+                image = image.resize(size, Image.BILINEAR)
+            image = image.crop(crop)
 
-        pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-        x = pixels.view(self.crop_size, self.crop_size, 3).permute(2, 0, 1).float().div(255)
+        x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float().div(255)
         mean = torch.tensor(self.mean).view(3, 1, 1)
         std = torch.tensor(self.std).view(3, 1, 1)
         return x.sub_(mean).div_(std)

@@ -1,0 +1,98 @@
+"""Classify images with one of the twelve models.
+
+    python -m utils.classify [PATH ...] [--model ENTRY] [--weights FILE_OR_URL] [--topk 5] [--json]
+
+PATHs are image files, directories (searched recursively) or glob patterns; with none, the bundled
+sample photos are classified. A file that cannot be read is reported with its reason and the others
+are still classified; the exit status is 1 if any failed, 2 if nothing could be run.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .checkpoint import CheckpointError
+from .images import IMAGE_SUFFIXES
+from .inference import SAMPLES, ImageFiles, add_model_arguments, batches, load_model, pick_device, positive
+
+
+def find_images(patterns: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """The image files that ``patterns`` name, in order, and the patterns that name none, with why."""
+    found, problems = [], []
+    for pattern in patterns:
+        path = Path(pattern)
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found += files
+            if not files:
+                problems.append((pattern, "no image files in this directory"))
+        elif path.exists():
+            found.append(path)  # any name: whether it is an image is for the decoder to say
+        elif glob.has_magic(pattern):
+            files = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+            found += files
+            if not files:
+                problems.append((pattern, "no file matches this pattern"))
+        else:
+            problems.append((pattern, "no such file or directory"))
+    return list(dict.fromkeys(found)), problems  # each file once, in first-named order
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m utils.classify", description=__doc__.split("\n\n")[0])
+    parser.add_argument("paths", nargs="*", metavar="PATH", help="image files, directories or glob patterns")
+    parser.add_argument("--topk", type=positive, default=5, help="how many classes to show (default 5)")
+    add_model_arguments(parser, batch_size=16)
+    args = parser.parse_args(argv)
+
+    paths, problems = find_images(args.paths) if args.paths else (sorted(SAMPLES.glob("*.[jp][pn]g")), [])
+    try:
+        device = pick_device(args.device)
+        model = load_model(args.model, args.weights, device)
+    except (ValueError, FileNotFoundError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    classes, wnids = model.pretrained_cfg["classes"], model.pretrained_cfg["wnids"]
+    topk = min(args.topk, len(classes))
+
+    def report(path, error=None, probabilities=None, indices=None):
+        if error is not None:
+            print(error, file=sys.stderr)
+            if args.json:
+                bar.write(json.dumps({"path": str(path), "model": args.model, "error": error}), file=sys.stdout)
+            return
+        labels, ids = [classes[i] for i in indices], [wnids[i] for i in indices]
+        if args.json:
+            line = json.dumps({"path": str(path), "model": args.model, "labels": labels, "wnids": ids,
+                               "probabilities": [round(p, 6) for p in probabilities]})
+        else:
+            line = "\n".join([str(path)] + [f"  {p:7.2%}  {label} ({wnid})"
+                                            for p, label, wnid in zip(probabilities, labels, ids)])
+        bar.write(line, file=sys.stdout)
+
+    dataset = ImageFiles(paths, model.preprocess, strict=False)
+    failed = len(problems)
+    with tqdm(total=len(paths), unit="image", disable=len(paths) <= args.batch_size, file=sys.stderr) as bar:
+        for pattern, reason in problems:
+            report(pattern, f"{pattern}: {reason}")
+        with torch.inference_mode():
+            for indices, images, errors in batches(dataset, args.batch_size, args.workers, device):
+                top = model(images.to(device)).softmax(dim=1).topk(topk)
+                for row, (index, error) in enumerate(zip(indices.tolist(), errors)):
+                    if error:
+                        failed += 1
+                        report(paths[index], error)
+                    else:
+                        report(paths[index], probabilities=top.values[row].tolist(), indices=top.indices[row].tolist())
+                bar.update(len(errors))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""Top-1 and top-5 accuracy on an ImageFolder-layout dataset, on one process or many (torchrun).
+
+    python -m utils.evaluate DIR [--model ENTRY] [--weights FILE_OR_URL] [--limit N] [--json]
+    torchrun --nproc_per_node 8 -m utils.evaluate DIR ...
+
+DIR holds one folder per class, named by its ImageNet-1k WordNet id (DIR/n01440764/*.JPEG, ...),
+as the validation set is usually laid out. For a model with its own classes, pass --num-classes N
+and --weights: the sorted folders are then its classes 0..N-1. Under torchrun every process takes
+every WORLD_SIZE-th image, so none is counted twice or left out, and the counts are summed: the
+result is the single-process result. --data-only measures the decoding pipeline without the model.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from .checkpoint import CheckpointError
+from .images import IMAGE_SUFFIXES, ImageError
+from .inference import WEIGHTS, ImageFiles, add_model_arguments, batches, load_model, pick_device, positive, wordnet_ids
+from .preprocess import Preprocess
+
+
+def image_folder(root: Path, num_classes: int | None) -> list[tuple[Path, int]]:
+    """(file, label) for every image under ``root``/<class folder>/, in sorted order."""
+    if not root.is_dir():
+        raise ValueError(f"{root} is not a directory")
+    folders = sorted(d for d in root.iterdir() if d.is_dir())
+    if not folders:
+        raise ValueError(f"{root} has no class folders: lay the images out as {root}/<WordNet id>/<image>")
+    if num_classes is None:
+        index = {wnid: i for i, wnid in enumerate(wordnet_ids())}
+        unknown = [d.name for d in folders if d.name not in index]
+        if unknown:
+            listed = ", ".join(unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+            raise ValueError(f"{root}: {len(unknown)} folder(s) are not ImageNet-1k WordNet ids ({listed}). "
+                             "Name each class folder by its WordNet id "
+                             "(e.g. n01440764), or pass --num-classes N and --weights for a model of your own classes")
+        labels = [index[d.name] for d in folders]
+    else:
+        if len(folders) > num_classes:
+            raise ValueError(f"{root} has {len(folders)} class folders, more than --num-classes {num_classes}")
+        labels = list(range(len(folders)))
+    samples = [(p, label) for d, label in zip(folders, labels)
+               for p in sorted(d.rglob("*")) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    if not samples:
+        raise ValueError(f"{root} has no image files ({', '.join(IMAGE_SUFFIXES)}) in its class folders")
+    return samples
+
+
+def evenly(samples: list, limit: int | None) -> list:
+    """At most ``limit`` samples, spread evenly over the sorted list so that every class is represented."""
+    if limit is None or limit >= len(samples):
+        return samples
+    return [samples[i * len(samples) // limit] for i in range(limit)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m utils.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("root", type=Path, metavar="DIR", help="one folder of images per class")
+    parser.add_argument("--limit", type=positive, help="evaluate N images, spread evenly over the classes")
+    parser.add_argument("--num-classes", type=positive, help="the model's own number of classes (with --weights)")
+    parser.add_argument("--data-only", action="store_true", help="decode and preprocess only: the pipeline's speed")
+    add_model_arguments(parser, batch_size=64)
+    args = parser.parse_args(argv)
+    try:
+        return evaluate(args)
+    except (ValueError, FileNotFoundError, ImageError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    if args.num_classes and not args.weights:
+        raise ValueError("--num-classes needs --weights: the published weights classify the 1000 ImageNet classes")
+    samples = evenly(image_folder(args.root, args.num_classes), args.limit)
+    device = pick_device(args.device)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:  # started by torchrun: one process per device
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+    if args.data_only:
+        model, preprocess = None, Preprocess.from_config(WEIGHTS[args.model].config())
+    else:
+        if world > 1 and rank != 0:
+            dist.barrier()  # rank 0 downloads the checkpoint first; the others then read it from the cache
+        model = load_model(args.model, args.weights, device, num_classes=args.num_classes or 1000)
+        if world > 1 and rank == 0:
+            dist.barrier()
+        preprocess = model.preprocess
+
+    shard = samples[rank::world]
+    labels = torch.tensor([label for _, label in shard])
+    loader = batches(ImageFiles([path for path, _ in shard], preprocess), args.batch_size, args.workers, device)
+    counts = torch.zeros(3, dtype=torch.int64, device=device)  # top-1 hits, top-5 hits, images
+    k = min(5, args.num_classes or 1000)
+    start = time.perf_counter()
+    progress = tqdm(total=len(shard), unit="image", disable=rank != 0, file=sys.stderr,
+                    desc=f"process 0 of {world}" if world > 1 else None)
+    with torch.inference_mode(), progress as bar:
+        for indices, images, _ in loader:
+            if model is not None:
+                target = labels[indices].to(device, non_blocking=True)
+                top = model(images.to(device, non_blocking=True)).topk(k, dim=1).indices
+                hits = top == target[:, None]
+                counts[0] += hits[:, 0].sum()
+                counts[1] += hits.any(dim=1).sum()
+            counts[2] += len(indices)
+            bar.update(len(indices))
+    elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64, device=device)
+    if world > 1:
+        dist.all_reduce(counts)
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+    if rank == 0:
+        report(args, counts.tolist(), elapsed.item(), world)
+    return 0
+
+
+def report(args: argparse.Namespace, counts: list[int], seconds: float, world: int) -> None:
+    top1, top5, images = counts
+    result = {"model": args.model, "weights": args.weights, "dataset": str(args.root), "images": images,
+              "images_per_second": round(images / seconds, 1), "processes": world, "workers": args.workers}
+    if not args.data_only:
+        result.update(top1=100 * top1 / images, top5=100 * top5 / images, top1_correct=top1, top5_correct=top5)
+    if args.json:
+        print(json.dumps(result))
+    elif args.data_only:
+        print(f"decoding and preprocessing only: {images} images, {result['images_per_second']} images/s "
+              f"({world} process(es), {args.workers} workers each)")
+    else:
+        print(f"{args.model} on {args.root}: top-1 {result['top1']:.3f}%  top-5 {result['top5']:.3f}%  "
+              f"({images} images, {result['images_per_second']} images/s, {world} process(es))")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

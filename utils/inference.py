@@ -1,0 +1,83 @@
+"""What the command-line tools share: a device, a model on it, and image files as a Dataset."""
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from .images import ImageError
+
+try:  # imported through hubconf.py's private package name
+    from ..models import WEIGHTS, create_model
+    from ..models.registry import imagenet1k_classes
+except ImportError:  # run from the repository root: python -m utils.classify
+    from models import WEIGHTS, create_model
+    from models.registry import imagenet1k_classes
+
+SAMPLES = Path(__file__).with_name("samples")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, batch_size: int) -> None:
+    parser.add_argument("--model", default="resnet50_swsl", choices=list(WEIGHTS), metavar="ENTRY",
+                        help="one of the twelve entries (default: resnet50_swsl)")
+    parser.add_argument("--weights", help="a checkpoint path or URL to load instead of the published weights")
+    parser.add_argument("--batch-size", type=positive, default=batch_size, help=f"default {batch_size}")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="processes decoding images (default: the CPU count, at most 8)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def wordnet_ids() -> list[str]:
+    """The ImageNet-1k WordNet ids in model-output order."""
+    return [wnid for wnid, _ in imagenet1k_classes()]
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available here; use --device cpu")
+    return device
+
+
+def load_model(entry: str, weights: str | None, device: torch.device, num_classes: int = 1000) -> nn.Module:
+    model = create_model(entry, weights=weights, num_classes=num_classes, progress=True)
+    return model.to(device)
+
+
+class ImageFiles(Dataset):
+    """Image files as (index, preprocessed tensor, error). With ``strict=False`` a file that cannot be
+    read gives a zero tensor and its error message, so that one bad file does not stop the others."""
+
+    def __init__(self, paths: Sequence[Path], preprocess: Callable[..., Tensor], strict: bool = True):
+        self.paths, self.preprocess, self.strict = list(paths), preprocess, strict
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[int, Tensor, str]:
+        try:
+            return index, self.preprocess(self.paths[index]), ""
+        except ImageError as e:
+            if self.strict:
+                raise
+            size = self.preprocess.crop_size
+            return index, torch.zeros(3, size, size), str(e)
+
+
+def batches(dataset: Dataset, batch_size: int, workers: int, device: torch.device) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda")
