@@ -57,8 +57,12 @@ def create_model(entry: str, *, pretrained: bool = True, progress: bool = True,
         else:
             model = ResNet(**arch_kwargs, num_classes=num_classes)
 
+    head = None if features_only or num_classes == 0 else "new"
     if pretrained:
-        new_head = not features_only and num_classes != 1000
+        # A head of the asked-for size in the checkpoint (a fine-tuned file) is loaded; otherwise a new one is made.
+        fc = state_dict.get("fc.weight")
+        new_head = not features_only and num_classes != 1000 and (fc is None or fc.shape[0] != num_classes)
+        head = None if head is None else "new" if new_head else "pretrained"
         skip = ("fc.",) if new_head or features_only else ()
         if features_only:
             skip += tuple(f"{stage}." for stage in STAGES[max(out_indices) + 1:])
@@ -69,7 +73,7 @@ def create_model(entry: str, *, pretrained: bool = True, progress: bool = True,
             logger.warning("%s: pretrained backbone with a new, randomly initialised %d-class head (fc); "
                            "train it before use", entry, num_classes)
 
-    model.pretrained_cfg = {**weight_set.config(), "pretrained": pretrained, "source": origin}
+    model.pretrained_cfg = {**weight_set.config(), "pretrained": pretrained, "source": origin, "head": head}
     model.preprocess = Preprocess.from_config(model.pretrained_cfg)
     return model.eval()
 

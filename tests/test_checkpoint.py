@@ -35,6 +35,7 @@ def test_download_into_torch_home_verified_then_offline(server, resnet18_checkpo
     with torch.no_grad():
         torch.testing.assert_close(model(X), reference(resnet18_checkpoint)(X), rtol=0, atol=0)
     assert model.pretrained_cfg["source"] == url and model.pretrained_cfg["pretrained"] is True
+    assert model.pretrained_cfg["head"] == "pretrained"
 
     server.close()  # the cached file is used: no second request is needed
     again = create_model("resnet18_ssl", weights=url)
@@ -214,6 +215,7 @@ def test_new_head_keeps_the_pretrained_backbone(resnet18_checkpoint, caplog):
     with caplog.at_level(logging.WARNING):
         model = create_model("resnet18_ssl", weights=resnet18_checkpoint, num_classes=10)
     assert "new, randomly initialised 10-class head" in caplog.text
+    assert model.pretrained_cfg["head"] == "new"
     full = reference(resnet18_checkpoint)
     assert model.fc.weight.shape == (10, 512) and not model.fc.weight.is_meta
     assert torch.equal(model.layer4[1].conv2.weight, full.layer4[1].conv2.weight)
@@ -226,7 +228,7 @@ def test_pooled_features(resnet18_checkpoint):
     full = reference(resnet18_checkpoint)
     full.fc = torch.nn.Identity()
     features = model(X)
-    assert features.shape == (2, 512)
+    assert features.shape == (2, 512) and model.pretrained_cfg["head"] is None
     torch.testing.assert_close(features, full(X), rtol=0, atol=0)
 
 

@@ -4,6 +4,7 @@ import torch
 from PIL import Image
 
 from models import create_model
+from utils.images import ImageError
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -44,5 +45,5 @@ def test_file_path_and_grey_image(preprocess, tmp_path):
 
 
 def test_unsupported_input(preprocess):
-    with pytest.raises(TypeError, match="expected a PIL image or a file path, got list"):
+    with pytest.raises(ImageError, match="expected an image file path, PIL image, NumPy array or tensor, got list"):
         preprocess([1, 2, 3])

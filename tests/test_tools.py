@@ -1,0 +1,189 @@
+"""python -m utils.classify and python -m utils.evaluate, checked against direct computation."""
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from models import create_model
+from utils import classify, evaluate
+
+from .conftest import REPO
+from .test_images import SAMPLES, noise
+
+
+@pytest.fixture(scope="module")
+def model_and_weights(resnet18_checkpoint):
+    model = create_model("resnet18_ssl", weights=resnet18_checkpoint)
+    return model, str(resnet18_checkpoint)
+
+
+def expected_top(model, path, k):
+    with torch.inference_mode():
+        probabilities = model(model.preprocess(path)[None]).softmax(dim=1)[0]
+    top = probabilities.topk(k)
+    return [model.pretrained_cfg["classes"][i] for i in top.indices], top.values.tolist()
+
+
+def run_classify(capsys, *args):
+    status = classify.main([*args, "--model", "resnet18_ssl", "--workers", "0"])
+    out, err = capsys.readouterr()
+    return status, [json.loads(line) for line in out.splitlines()] if "--json" in args else out, err
+
+
+def test_classify_json_matches_the_model(model_and_weights, capsys, tmp_path):
+    model, weights = model_and_weights
+    status, rows, _ = run_classify(capsys, str(SAMPLES), "--weights", weights, "--json", "--topk", "3")
+    assert status == 0 and [r["path"] for r in rows] == [str(SAMPLES / "chelsea.png"), str(SAMPLES / "rocket.jpg")]
+    for row in rows:
+        labels, probabilities = expected_top(model, row["path"], 3)
+        assert row["model"] == "resnet18_ssl" and row["labels"] == labels
+        assert row["probabilities"] == pytest.approx(probabilities, abs=1e-6)
+        wnids = model.pretrained_cfg["wnids"]
+        assert row["wnids"] == [wnids[model.pretrained_cfg["classes"].index(label)] for label in labels]
+
+
+def test_classify_reports_bad_files_and_classifies_the_rest(model_and_weights, capsys, tmp_path):
+    _, weights = model_and_weights
+    (tmp_path / "broken.jpg").write_text("not an image")
+    shutil.copy(SAMPLES / "chelsea.png", tmp_path / "cat.png")
+    status, rows, err = run_classify(capsys, str(tmp_path / "*.*"), str(tmp_path / "missing.png"),
+                                     "--weights", weights, "--json")
+    assert status == 1
+    by_path = {r["path"]: r for r in rows}
+    assert "not a readable image" in by_path[str(tmp_path / "broken.jpg")]["error"]
+    assert by_path[str(tmp_path / "missing.png")]["error"].endswith("no such file or directory")
+    assert len(by_path[str(tmp_path / "cat.png")]["labels"]) == 5
+    assert "broken.jpg: not a readable image" in err and "missing.png: no such file" in err
+
+
+def test_classify_text_output_and_default_samples(model_and_weights, capsys):
+    model, weights = model_and_weights
+    status, out, _ = run_classify(capsys, "--weights", weights, "--topk", "2")
+    assert status == 0
+    labels, _ = expected_top(model, SAMPLES / "rocket.jpg", 2)
+    block = out.split(str(SAMPLES / "rocket.jpg"))[1]
+    assert all(label in block for label in labels) and "%" in block
+
+
+def test_classify_without_usable_weights_exits_2(capsys, tmp_path):
+    status, _, err = run_classify(capsys, "--weights", str(tmp_path / "none.pth"))
+    assert status == 2 and "error: weights=" in err and "no such file" in err
+
+
+def test_python_m_utils_classify(model_and_weights):
+    _, weights = model_and_weights
+    done = subprocess.run([sys.executable, "-m", "utils.classify", str(SAMPLES / "chelsea.png"), "--model",
+                           "resnet18_ssl", "--weights", weights, "--json"], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["path"] == str(SAMPLES / "chelsea.png")
+
+
+@pytest.fixture(scope="module")
+def val_dir(model_and_weights, tmp_path_factory):
+    """An ImageFolder whose labels are chosen from the model's own predictions: some images in the folder
+    of their top-1 class, some in that of their 3rd, the rest in a class outside their top 5."""
+    model, _ = model_and_weights
+    root, wnids = tmp_path_factory.mktemp("val"), model.pretrained_cfg["wnids"]
+    for i in range(11):
+        image = noise(180 + 13 * i, 260 - 7 * i, seed=i)
+        with torch.inference_mode():
+            ranked = model(model.preprocess(image)[None])[0].argsort(descending=True).tolist()
+        label = ranked[0] if i % 3 == 0 else ranked[2] if i % 3 == 1 else ranked[10]
+        folder = root / wnids[label]
+        folder.mkdir(exist_ok=True)
+        image.save(folder / f"{i}.JPEG", quality=95)
+    return root
+
+
+def direct_accuracy(model, root):
+    """Top-1 and top-5 hits computed without the tool."""
+    index = {wnid: i for i, wnid in enumerate(model.pretrained_cfg["wnids"])}
+    top1 = top5 = 0
+    files = sorted(root.glob("*/*.JPEG"))
+    for path in files:
+        with torch.inference_mode():
+            ranked = model(model.preprocess(path)[None])[0].topk(5).indices.tolist()
+        label = index[path.parent.name]
+        top1, top5 = top1 + (ranked[0] == label), top5 + (label in ranked)
+    return top1, top5, len(files)
+
+
+def run_evaluate(capsys, *args):
+    status = evaluate.main([*args, "--model", "resnet18_ssl", "--json", "--workers", "0", "--batch-size", "4"])
+    out, err = capsys.readouterr()
+    return status, (json.loads(out) if status == 0 else None), err
+
+
+def test_evaluate_equals_direct_computation(model_and_weights, val_dir, capsys):
+    model, weights = model_and_weights
+    status, result, _ = run_evaluate(capsys, str(val_dir), "--weights", weights)
+    top1, top5, n = direct_accuracy(model, val_dir)
+    assert status == 0 and 0 < top1 < top5 < n
+    assert (result["top1_correct"], result["top5_correct"], result["images"]) == (top1, top5, n)
+    assert result["top1"] == pytest.approx(100 * top1 / n) and result["images_per_second"] > 0
+
+
+def test_evaluate_limit_and_data_only(model_and_weights, val_dir, capsys):
+    _, weights = model_and_weights
+    status, result, _ = run_evaluate(capsys, str(val_dir), "--weights", weights, "--limit", "4")
+    assert status == 0 and result["images"] == 4
+    status, result, _ = run_evaluate(capsys, str(val_dir), "--data-only")
+    assert status == 0 and result["images"] == 11 and "top1" not in result
+
+
+def test_evaluate_refuses_folders_that_are_not_imagenet_ids(model_and_weights, tmp_path, capsys):
+    _, weights = model_and_weights
+    for name in ("cats", "dogs"):
+        (tmp_path / name).mkdir()
+        noise(64, 64).save(tmp_path / name / "a.png")
+    status, _, err = run_evaluate(capsys, str(tmp_path), "--weights", weights)
+    assert status == 2 and "2 folder(s) are not ImageNet-1k WordNet ids (cats, dogs)" in err
+    status, _, err = run_evaluate(capsys, str(tmp_path), "--weights", weights, "--num-classes", "2")
+    assert status == 2 and "has no trained 2-class head" in err  # its head has 1000 classes
+    status, _, err = run_evaluate(capsys, str(tmp_path), "--num-classes", "2")
+    assert status == 2 and "--num-classes needs --weights" in err
+
+
+def test_evaluate_a_fine_tuned_model_of_its_own_classes(tmp_path, capsys):
+    state_dict = create_model("resnet18_ssl", pretrained=False, num_classes=2).state_dict()
+    torch.save(state_dict, tmp_path / "finetuned.pth")
+    model = create_model("resnet18_ssl", weights=tmp_path / "finetuned.pth", num_classes=2)
+    assert model.pretrained_cfg["head"] == "pretrained" and torch.equal(model.fc.weight, state_dict["fc.weight"])
+    root = tmp_path / "data"
+    for name in ("cats", "dogs"):
+        (root / name).mkdir(parents=True)
+        for i in range(2):
+            noise(90, 70, seed=i).save(root / name / f"{i}.png")
+    with torch.inference_mode():
+        predicted = [model(model.preprocess(p)[None]).argmax().item() for p in sorted(root.glob("*/*.png"))]
+    status, result, _ = run_evaluate(capsys, str(root), "--weights", str(tmp_path / "finetuned.pth"),
+                                     "--num-classes", "2")
+    assert status == 0 and result["top1_correct"] == sum(p == label for p, label in zip(predicted, [0, 0, 1, 1]))
+    assert result["top5_correct"] == 4  # top-5 of 2 classes always holds the label
+
+
+def test_evaluate_fails_on_an_unreadable_image_naming_it(model_and_weights, val_dir, tmp_path, capsys):
+    _, weights = model_and_weights
+    root = tmp_path / "val"
+    shutil.copytree(val_dir, root)
+    bad = next(root.iterdir()) / "broken.JPEG"
+    bad.write_bytes(b"\xff\xd8 not really")
+    status, _, err = run_evaluate(capsys, str(root), "--weights", weights)
+    assert status == 2 and f"{bad}: not a readable image" in err
+
+
+def test_torchrun_two_processes_equal_one(model_and_weights, val_dir, tmp_path):
+    _, weights = model_and_weights
+    command = ["-m", "utils.evaluate", str(val_dir), "--model", "resnet18_ssl", "--weights", weights, "--json",
+               "--workers", "0", "--batch-size", "2", "--device", "cpu"]
+    single = subprocess.run([sys.executable, *command], cwd=REPO, capture_output=True, text=True)
+    double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             *command], cwd=REPO, capture_output=True, text=True)
+    assert single.returncode == 0 and double.returncode == 0, double.stderr[-2000:]
+    one, two = json.loads(single.stdout), json.loads(double.stdout.strip().splitlines()[-1])
+    assert (one["processes"], two["processes"]) == (1, 2)
+    for key in ("images", "top1_correct", "top5_correct", "top1", "top5"):
+        assert one[key] == two[key], key
