@@ -187,3 +187,11 @@ def test_torchrun_two_processes_equal_one(model_and_weights, val_dir, tmp_path):
     assert (one["processes"], two["processes"]) == (1, 2)
     for key in ("images", "top1_correct", "top5_correct", "top1", "top5"):
         assert one[key] == two[key], key
+
+
+def test_torchrun_fails_cleanly_when_the_weights_are_missing(tmp_path, val_dir):
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "utils.evaluate", str(val_dir), "--model", "resnet18_ssl", "--workers", "0",
+                           "--weights", str(tmp_path / "missing.pth")], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode != 0 and done.stderr.count("missing.pth': no such file") == 2

@@ -97,11 +97,13 @@ def evaluate(args: argparse.Namespace) -> int:
     else:
         if world > 1 and rank != 0:
             dist.barrier()  # rank 0 downloads the checkpoint first; the others then read it from the cache
-        model = load_model(args.model, args.weights, device, num_classes=args.num_classes or 1000)
+        try:
+            model = load_model(args.model, args.weights, device, num_classes=args.num_classes or 1000)
+        finally:
+            if world > 1 and rank == 0:
+                dist.barrier()  # also when loading failed: the others then fail with the same error, not hang
         if model.pretrained_cfg["head"] != "pretrained":
             raise ValueError(f"{args.weights} has no trained {args.num_classes}-class head to evaluate")
-        if world > 1 and rank == 0:
-            dist.barrier()
         preprocess = model.preprocess
 
     shard = samples[rank::world]
