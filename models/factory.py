@@ -89,8 +89,8 @@ def entry(name: str) -> Callable[..., nn.Module]:
     return load
 
 
-_ENTRY_SIGNATURE = inspect.signature(create_model).replace(
-    parameters=list(inspect.signature(create_model).parameters.values())[1:])
+_SIGNATURE = inspect.signature(create_model)
+_ENTRY_SIGNATURE = _SIGNATURE.replace(parameters=list(_SIGNATURE.parameters.values())[1:])  # without `entry`
 
 
 def published_url(weight_set: WeightSet) -> str:

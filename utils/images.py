@@ -43,8 +43,6 @@ def read(path: str | os.PathLike) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as f:
                 return to_rgb(ImageOps.exif_transpose(f))
-    except ImageError as e:
-        raise ImageError(f"{path}: {e}") from e
     except FileNotFoundError as e:
         raise ImageError(f"{path}: no such file") from e
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:

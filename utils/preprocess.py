@@ -31,6 +31,8 @@ class Preprocess:
         self.resize_size, self.crop_size = resize_size, crop_size
         self.mean, self.std = tuple(mean), tuple(std)
         self.interpolation = interpolation
+        self._mean = torch.tensor(self.mean).view(3, 1, 1)  # made once, not per image
+        self._std = torch.tensor(self.std).view(3, 1, 1)
 
     @classmethod
     def from_config(cls, cfg: dict) -> Preprocess:
@@ -61,9 +63,7 @@ class Preprocess:
             image = image.crop(crop)
 
         x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float().div(255)
-        mean = torch.tensor(self.mean).view(3, 1, 1)
-        std = torch.tensor(self.std).view(3, 1, 1)
-        return x.sub_(mean).div_(std)
+        return x.sub_(self._mean).div_(self._std)
 
     def __repr__(self) -> str:
         return (f"Preprocess(resize_size={self.resize_size}, crop_size={self.crop_size}, "
