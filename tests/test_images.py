@@ -40,10 +40,19 @@ def test_real_photos_equal_the_recipe(preprocess, name):
     np.testing.assert_allclose(preprocess(image).numpy(), reference(image), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("size", [(1, 1), (224, 224), (255, 257), (333, 500), (500, 333), (4000, 63), (63, 4000)])
+@pytest.mark.parametrize("size", [(1, 1), (224, 224), (255, 257), (333, 500), (500, 333), (4000, 63), (63, 4000),
+                                  (500, 375), (375, 500), (256, 256), (224, 300), (1000, 257), (97, 61)])
 def test_synthetic_sizes_equal_the_recipe(preprocess, size):
     image = noise(*size)
     np.testing.assert_allclose(preprocess(image).numpy(), reference(image), rtol=0, atol=1e-6)
+
+
+def test_grey_image_file(preprocess, tmp_path):
+    image = noise(320, 240).convert("L")
+    image.save(tmp_path / "grey.png")
+    x = preprocess(tmp_path / "grey.png")
+    assert x.shape == (3, 224, 224)
+    np.testing.assert_allclose(x.numpy(), reference(image), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("size", [(1, 5000), (5000, 1)])
@@ -160,6 +169,7 @@ def test_arrays_and_tensors_give_the_same_result_as_the_image(preprocess):
     (torch.full((3, 4, 4), float("nan")), "NaN"),
     (torch.zeros(2, 3, 4, 4), "shape"),
     ({"not": "an image"}, "got dict"),
+    ([1, 2, 3], "expected an image file path, PIL image, NumPy array or tensor, got list"),
 ])
 def test_unusable_inputs(bad, match):
     with pytest.raises(ImageError, match=match):
