@@ -1,1 +1,4 @@
-"""Checkpoint download, verification and loading; inference tools."""
+"""Checkpoint download, verification and loading; fast inference; the command-line tools."""
+from .optimize import optimize_for_inference
+
+__all__ = ["optimize_for_inference"]

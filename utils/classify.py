@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     paths, problems = find_images(args.paths) if args.paths else (sorted(SAMPLES.glob("*.[jp][pn]g")), [])
     try:
         device = pick_device(args.device)
-        model = load_model(args.model, args.weights, device)
+        model = load_model(args.model, args.weights, device, dtype=args.dtype)
     except (ValueError, FileNotFoundError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

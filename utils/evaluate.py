@@ -98,7 +98,8 @@ def evaluate(args: argparse.Namespace) -> int:
         if world > 1 and rank != 0:
             dist.barrier()  # rank 0 downloads the checkpoint first; the others then read it from the cache
         try:
-            model = load_model(args.model, args.weights, device, num_classes=args.num_classes or 1000)
+            model = load_model(args.model, args.weights, device, num_classes=args.num_classes or 1000,
+                                   dtype=args.dtype)
         finally:
             if world > 1 and rank == 0:
                 dist.barrier()  # also when loading failed: the others then fail with the same error, not hang
@@ -136,7 +137,8 @@ def evaluate(args: argparse.Namespace) -> int:
 def report(args: argparse.Namespace, counts: list[int], seconds: float, world: int) -> None:
     top1, top5, images = counts
     result = {"model": args.model, "weights": args.weights, "dataset": str(args.root), "images": images,
-              "images_per_second": round(images / seconds, 1), "processes": world, "workers": args.workers}
+              "images_per_second": round(images / seconds, 1), "processes": world, "workers": args.workers,
+              "dtype": args.dtype}
     if not args.data_only:
         result.update(top1=100 * top1 / images, top5=100 * top5 / images, top1_correct=top1, top5_correct=top5)
     if args.json:

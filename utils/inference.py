@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from .images import ImageError
+from .optimize import optimize_for_inference
 
 try:  # imported through hubconf.py's private package name
     from ..models import WEIGHTS, create_model
@@ -20,6 +21,7 @@ except ImportError:  # run from the repository root: python -m utils.classify
     from models.registry import imagenet1k_classes
 
 SAMPLES = Path(__file__).with_name("samples")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, batch_size: int) -> None:
@@ -30,6 +32,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, batch_size: int) -> Non
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="processes decoding images (default: the CPU count, at most 8)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32",
+                        help="precision to run the model in: bfloat16 is about twice as fast on CPUs and GPUs "
+                             "that have it (default float32)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
@@ -54,9 +59,11 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def load_model(entry: str, weights: str | None, device: torch.device, num_classes: int = 1000) -> nn.Module:
+def load_model(entry: str, weights: str | None, device: torch.device, num_classes: int = 1000,
+               dtype: str = "float32") -> nn.Module:
+    """The model on ``device``, optimised for inference (BatchNorm folded, channels_last, ``dtype``)."""
     model = create_model(entry, weights=weights, num_classes=num_classes, progress=True)
-    return model.to(device)
+    return optimize_for_inference(model.to(device), dtype=DTYPES[dtype])
 
 
 class ImageFiles(Dataset):

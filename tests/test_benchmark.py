@@ -1,0 +1,77 @@
+"""python -m utils.benchmark: interleaved timing, the derived columns, the outputs and the plot."""
+import csv
+import io
+import json
+
+import pytest
+
+from models import WEIGHTS
+from utils import benchmark
+
+
+def test_timing_is_round_robin_and_skips_the_warmup():
+    calls = []
+    functions = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    times = benchmark.time_interleaved(functions, warmup=2, repeats=3, device=benchmark.torch.device("cpu"))
+    assert calls == list("abc") * 5
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3, "c": 3}
+
+
+def run(capsys, *args):
+    status = benchmark.main(["--models", "resnet18_ssl", "resnet18_swsl", "--batch-sizes", "1", "2",
+                             "--warmup", "0", "--repeats", "2", *args])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_json_rows_are_consistent(capsys, tmp_path):
+    status, out, _ = run(capsys, "--dtype", "float32", "--json", "--plot", str(tmp_path / "plot.png"))
+    assert status == 0
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [(r["entry"], r["batch_size"], r["variant"]) for r in rows] == [
+        (e, b, v) for e in ("resnet18_ssl", "resnet18_swsl") for b in (1, 2) for v in ("eager", "optimized")]
+    gmacs = WEIGHTS["resnet18_ssl"].arch.gmacs
+    for r in rows:
+        assert r["images_per_second"] == pytest.approx(r["batch_size"] / r["ms_per_batch"] * 1e3)
+        assert r["gflops"] == pytest.approx(2 * gmacs * r["images_per_second"])
+        assert r["ceiling_pct"] == pytest.approx(100 * r["gflops"] / r["ceiling_gflops"])
+        assert r["top1"] == WEIGHTS[r["entry"]].measured[0] and r["spread_pct"] >= 0
+        assert r["channels_last"] == (r["variant"] == "optimized") and "torch 2." in r["device"]
+    for eager, optimized in zip(rows[::2], rows[1::2]):
+        assert eager["speedup"] == 1.0
+        assert optimized["speedup"] == pytest.approx(eager["ms_per_batch"] / optimized["ms_per_batch"])
+    # ssl and swsl share an architecture: timed once, reported for both.
+    assert [r["ms_per_batch"] for r in rows[:4]] == [r["ms_per_batch"] for r in rows[4:]]
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_markdown_and_csv(capsys):
+    status, out, _ = run(capsys, "--dtype", "float32", "--no-channels-last")
+    assert status == 0
+    lines = out.splitlines()
+    assert "threads, torch" in lines[0] and "median of 2 rounds" in lines[0]
+    # One line per architecture, batch size and variant: ssl and swsl share theirs.
+    assert lines[2].startswith("| model | batch | variant |") and len(lines) == 4 + 4
+    assert "| `resnet18_ssl`, `resnet18_swsl` | 1 | optimized fp32 NCHW |" in out and "| 1.00x |" in out
+    status, out, _ = run(capsys, "--csv")
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert status == 0 and len(rows) == 8 and rows[0]["variant"] == "eager" and float(rows[1]["gflops"]) > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--models", "resnet19_ssl"], "--models: unknown model(s) resnet19_ssl; choose from all, resnet18_ssl"),
+    (["--batch-sizes", "0"], "argument --batch-sizes: must be at least 1, got 0"),
+    (["--dtype", "int8"], "--dtype: invalid choice: 'int8'"),
+    (["--json", "--csv"], "not allowed with argument"),
+])
+def test_bad_arguments(capsys, args, message):
+    with pytest.raises(SystemExit) as exit_:
+        benchmark.main(args)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_device_that_is_not_there(capsys):
+    if benchmark.torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    assert benchmark.main(["--models", "resnet18_ssl", "--device", "cuda"]) == 2
+    assert "CUDA is not available here; use --device cpu" in capsys.readouterr().err

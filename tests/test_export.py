@@ -1,0 +1,73 @@
+"""python -m utils.export: every architecture to TorchScript, torch.export and ONNX, checked against eager."""
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from utils import export
+
+from .conftest import REPO
+from .test_optimize import ONE_ENTRY_PER_ARCH, trained_like
+
+FORMATS = [".pt", ".pt2", ".onnx"]
+
+
+@pytest.fixture(scope="module", params=ONE_ENTRY_PER_ARCH)
+def model(request):
+    """Each of the six architectures (the twelve entries differ from them only in their weights)."""
+    return trained_like(request.param)
+
+
+@pytest.mark.parametrize("suffix", FORMATS)
+def test_every_architecture_exports_and_reproduces_eager(model, suffix, tmp_path):
+    entry = model.pretrained_cfg["entry"]
+    path = export.export(model, tmp_path / f"{entry}{suffix}")
+    # Another batch size and image size than export's example: the exported graph is not fixed to them.
+    error = export.check(model, path, torch.randn(3, 3, 96, 80))
+    assert error < export.TOLERANCE
+    out = export.load(path)(torch.randn(2, 3, 64, 64))
+    assert [tuple(t.shape) for t in out] == [(2, 1000)]
+
+
+@pytest.mark.parametrize("suffix", FORMATS)
+def test_backbones_export_their_feature_maps(suffix, tmp_path):
+    model = trained_like("resnet50_ssl", features_only=True, out_indices=(1, 3, 4))
+    path = export.export(model, tmp_path / f"backbone{suffix}")
+    export.check(model, path, export.sample_batch(model))
+    shapes = [tuple(t.shape) for t in export.load(path)(torch.randn(1, 3, 128, 128))]
+    assert shapes == [(1, 256, 32, 32), (1, 1024, 8, 8), (1, 2048, 4, 4)]
+    if suffix == ".onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        assert [i.name for i in session.get_inputs()] == ["image"]
+        assert [o.name for o in session.get_outputs()] == ["layer1", "layer3", "layer4"]
+
+
+def test_check_fails_when_the_file_is_another_model(tmp_path):
+    path = export.export(trained_like("resnet18_ssl"), tmp_path / "model.onnx")
+    other = trained_like("resnet18_ssl")
+    torch.nn.init.normal_(other.fc.weight)
+    with pytest.raises(export.ExportError, match=r"model.onnx: outputs differ from the eager model's by .* more than"):
+        export.check(other, path, torch.randn(1, 3, 64, 64))
+
+
+def test_unknown_format_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown format '.onx'; use one of .pt, .pt2, .onnx"):
+        export.export(trained_like("resnet18_ssl"), tmp_path / "model.onx")
+
+
+def test_python_m_utils_export(resnet18_checkpoint, tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "utils.export", *args], cwd=REPO, capture_output=True, text=True)
+
+    done = run(str(tmp_path / "r18.onnx"), "--model", "resnet18_ssl", "--weights", str(resnet18_checkpoint))
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"r18.onnx \(onnx, 44.\d MiB\): outputs on the sample photos equal the eager model's within",
+                     done.stdout)
+    bad_suffix = run(str(tmp_path / "r18.tflite"), "--model", "resnet18_ssl")
+    assert bad_suffix.returncode == 2 and "must end in .pt, .pt2, .onnx" in bad_suffix.stderr
+    missing = run(str(tmp_path / "r18.pt"), "--model", "resnet18_ssl", "--weights", str(tmp_path / "none.pth"))
+    assert missing.returncode == 1 and "none.pth" in missing.stderr and not (tmp_path / "r18.pt").exists()

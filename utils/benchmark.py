@@ -1,0 +1,280 @@
+"""Measure inference throughput: plain eager float32 against optimize_for_inference, in one run.
+
+    python -m utils.benchmark [--models ENTRY ... | all] [--batch-sizes 16] [--dtype float32 bfloat16]
+                              [--compile] [--no-channels-last] [--device cpu] [--json | --csv] [--plot FILE.png]
+
+For each model and batch size, the plain eager float32 model and each optimised variant run in turn,
+round after round, so that the machine's ups and downs fall on all of them alike. Each row gives the
+median time of a batch, its spread, images/s, the achieved GFLOP/s (two FLOPs per multiply-accumulate
+in the registry), the dense matrix-multiply ceiling measured in the same run, and the speedup over the
+plain eager float32 model. Weights are random: speed does not depend on them. Entries that share an
+architecture (ssl and swsl) are timed once.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import functools
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .inference import DTYPES, pick_device, positive
+from .optimize import optimize_for_inference
+
+try:  # imported through hubconf.py's private package name
+    from ..models import WEIGHTS, create_model
+except ImportError:  # run from the repository root: python -m utils.benchmark
+    from models import WEIGHTS, create_model
+
+SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+MATMUL_SIZE = {True: 2048, False: 8192}  # on CPU, on GPU
+ALLOCATOR_SETTINGS = ("GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_CONF")  # shown with the results: they change them
+
+
+@dataclass
+class Row:
+    entry: str
+    batch_size: int
+    variant: str  # "eager" (the plain model) or "optimized"
+    dtype: str
+    channels_last: bool
+    compiled: bool
+    ms_per_batch: float  # median
+    spread_pct: float  # (slowest - fastest) / median, over the repeats
+    images_per_second: float
+    gflops: float
+    ceiling_gflops: float  # dense matrix multiply in the same dtype, same run
+    ceiling_pct: float
+    speedup: float  # over plain eager float32, same model and batch size
+    top1: float  # ImageNet-1k val top-1 measured with the published weights
+
+    @property
+    def label(self) -> str:
+        if self.variant == "eager":
+            return "eager fp32"
+        return (f"optimized {SHORT[self.dtype]}" + ("" if self.channels_last else " NCHW")
+                + (" compiled" if self.compiled else ""))
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(functions: dict[str, Callable[[], object]], warmup: int, repeats: int,
+                     device: torch.device, progress: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
+    """Seconds per call of each function, timed round-robin: one call of each per round."""
+    times: dict[str, list[float]] = {name: [] for name in functions}
+    for round_ in range(warmup + repeats):
+        for name, function in functions.items():
+            synchronize(device)
+            start = time.perf_counter()
+            function()
+            synchronize(device)
+            if round_ >= warmup:
+                times[name].append(time.perf_counter() - start)
+            progress()
+    return times
+
+
+def matmul_functions(device: torch.device, dtype: torch.dtype) -> dict[str, Callable[[], object]]:
+    """A dense n x n x n matrix multiply two ways: torch.mm (BLAS) and the same GEMM as a 1x1
+    convolution in channels_last (oneDNN on CPU, cuDNN on GPU). Each library has its own kernels, and
+    on some CPUs one is much faster than the other: the ceiling is the faster of the two."""
+    n = MATMUL_SIZE[device.type == "cpu"]
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    # rows = batch x height x width = n, reduction = in-channels = n, columns = out-channels = n
+    image = a.reshape(n // 64, 8, 8, n).permute(0, 3, 1, 2)  # a, seen as a channels_last image batch
+    kernel = b.reshape(n, n, 1, 1)
+    return {"mm": lambda: torch.mm(a, b), "conv": lambda: F.conv2d(image, kernel)}
+
+
+def gemm_gflops(device: torch.device, seconds: float) -> float:
+    return 2 * MATMUL_SIZE[device.type == "cpu"] ** 3 / seconds / 1e9
+
+
+def benchmark(entries: list[str], batch_sizes: list[int], dtypes: list[str], channels_last: bool, compile: bool,
+              device: torch.device, warmup: int, repeats: int, progress: bool = True) -> list[Row]:
+    # The matrix multiplies run in the same rounds as the models, so that they see the same machine.
+    matmuls = {f"{path} {name}": f for name in dict.fromkeys(["float32", *dtypes])
+               for path, f in matmul_functions(device, DTYPES[name]).items()}
+    variants = [("eager", "float32", False)] + [("optimized", d, c) for d in dtypes
+                                                for c in ((False, True) if compile else (False,))]
+    timed: dict[tuple[str, int], dict[tuple, list[float]]] = {}
+    archs = {WEIGHTS[e].arch.name: e for e in reversed(entries)}  # arch -> the first entry that has it
+    bar = tqdm(total=len(archs) * len(batch_sizes) * (warmup + repeats) * (len(variants) + len(matmuls)),
+               desc="benchmark", unit="batch", disable=not progress or None)
+    for arch, entry in archs.items():
+        if compile:
+            torch.compiler.reset()  # or, after 8 models, torch.compile would quietly fall back to eager
+        eager = create_model(entry, pretrained=False).to(device)
+        models = {v: eager if v[0] == "eager" else
+                  optimize_for_inference(eager, dtype=DTYPES[v[1]], channels_last=channels_last, compile=v[2])
+                  for v in variants}
+        for batch_size in batch_sizes:
+            x = torch.randn(batch_size, 3, 224, 224, device=device)
+            bar.set_postfix_str(f"{entry} batch {batch_size}")
+            with torch.inference_mode():
+                timed[arch, batch_size] = time_interleaved(
+                    {**{v: functools.partial(m, x) for v, m in models.items()}, **matmuls},
+                    warmup, repeats, device, bar.update)
+        del eager, models
+    bar.close()
+
+    rows = []
+    for entry in entries:
+        weight_set = WEIGHTS[entry]
+        for batch_size in batch_sizes:
+            times = timed[weight_set.arch.name, batch_size]
+            ceilings = {d: max(gemm_gflops(device, statistics.median(times[f"{path} {d}"])) for path in ("mm", "conv"))
+                        for d in ("float32", *dtypes)}
+            baseline = statistics.median(times[variants[0]])
+            for variant, dtype, compiled in variants:
+                seconds = statistics.median(times[variant, dtype, compiled])
+                spread = max(times[variant, dtype, compiled]) - min(times[variant, dtype, compiled])
+                gflops = 2 * weight_set.arch.gmacs * batch_size / seconds
+                rows.append(Row(entry, batch_size, variant, dtype, channels_last and variant != "eager", compiled,
+                                ms_per_batch=seconds * 1e3, spread_pct=spread / seconds * 100,
+                                images_per_second=batch_size / seconds, gflops=gflops,
+                                ceiling_gflops=ceilings[dtype], ceiling_pct=gflops / ceilings[dtype] * 100,
+                                speedup=baseline / seconds, top1=weight_set.measured[0]))
+    return rows
+
+
+def describe(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    # The allocator matters on CPU: see the README's performance section.
+    allocator = "".join(f", {name}={os.environ[name]}" for name in ALLOCATOR_SETTINGS if name in os.environ)
+    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}{allocator}"
+
+
+def markdown(rows: list[Row]) -> str:
+    """A table with one line per architecture, batch size and variant: entries that share an
+    architecture share their timing."""
+    lines = ["| model | batch | variant | ms/batch (spread) | images/s | GFLOP/s | % of matmul ceiling | speedup |",
+             "|---|---:|---|---:|---:|---:|---:|---:|"]
+    entries: dict[tuple, list[str]] = {}
+    for r in rows:
+        entries.setdefault((WEIGHTS[r.entry].arch.name, r.batch_size, r.label), []).append(f"`{r.entry}`")
+    shown = set()
+    for r in rows:
+        key = (WEIGHTS[r.entry].arch.name, r.batch_size, r.label)
+        if key in shown:
+            continue
+        shown.add(key)
+        lines.append(f"| {', '.join(entries[key])} | {r.batch_size} | {r.label} | {r.ms_per_batch:.1f} "
+                     f"(±{r.spread_pct / 2:.0f}%) | {r.images_per_second:.1f} | {r.gflops:.0f} | "
+                     f"{r.ceiling_pct:.0f}% of {r.ceiling_gflops:.0f} | {r.speedup:.2f}x |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[Row], path: str, title: str) -> None:
+    """Measured top-1 against images/s at the largest batch size: a line per entry through its variants."""
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise SystemExit("error: --plot needs matplotlib: pip install matplotlib") from e
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batch_size = max(r.batch_size for r in rows)
+    rows = [r for r in rows if r.batch_size == batch_size]
+    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=110)
+    for entry in dict.fromkeys(r.entry for r in rows):
+        mine = sorted((r for r in rows if r.entry == entry), key=lambda r: r.images_per_second)
+        ax.plot([r.images_per_second for r in mine], [r.top1 for r in mine], "-", color="0.8", zorder=1)
+        ax.annotate(entry, (mine[0].images_per_second, mine[0].top1), fontsize=7, ha="right", va="center",
+                    xytext=(-7, 0), textcoords="offset points")
+    for label in dict.fromkeys(r.label for r in rows):
+        mine = [r for r in rows if r.label == label]
+        ax.scatter([r.images_per_second for r in mine], [r.top1 for r in mine], label=label, s=22, zorder=2)
+    ax.set_xscale("log")
+    low = min(r.images_per_second for r in rows)
+    ax.set_xlim(low / 4, max(r.images_per_second for r in rows) * 1.3)
+    ax.set_xlabel(f"images/s (batch {batch_size}, 224x224)")
+    ax.set_ylabel("ImageNet-1k val top-1 (%), measured")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def parse_models(names: list[str]) -> list[str]:
+    if names == ["all"]:
+        return list(WEIGHTS)
+    unknown = [n for n in names if n not in WEIGHTS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown model(s) {', '.join(unknown)}; "
+                                         f"choose from all, {', '.join(WEIGHTS)}")
+    return list(dict.fromkeys(names))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m utils.benchmark", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["resnet50_swsl"], metavar="ENTRY",
+                        help="entries to measure, or all (default: resnet50_swsl)")
+    parser.add_argument("--batch-sizes", nargs="+", type=positive, default=[16], metavar="N", help="default 16")
+    parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=["float32"],
+                        help="precisions of the optimised model (default float32)")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                        help="optimised models in channels_last (default: yes)")
+    parser.add_argument("--compile", action="store_true", help="also measure each optimised model torch.compiled")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
+    parser.add_argument("--repeats", type=positive, default=7, help="timed rounds (default 7)")
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="one JSON object per row")
+    output.add_argument("--csv", action="store_true", help="CSV with a header line")
+    parser.add_argument("--plot", metavar="FILE.png", help="draw measured top-1 against images/s")
+    args = parser.parse_args(argv)
+    try:
+        entries = parse_models(args.models)
+    except argparse.ArgumentTypeError as e:
+        parser.error(f"--models: {e}")
+    if args.warmup < 0:
+        parser.error("--warmup: must be 0 or more")
+
+    try:
+        device = pick_device(args.device)
+        rows = benchmark(entries, args.batch_sizes, args.dtype, args.channels_last, args.compile, device,
+                         args.warmup, args.repeats)
+    except ValueError as e:  # a device or a precision this machine does not have
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    machine = describe(device)
+    if args.json:
+        for row in rows:
+            print(json.dumps({**asdict(row), "device": machine}))
+    elif args.csv:
+        writer = csv.DictWriter(sys.stdout, fieldnames=[*asdict(rows[0]), "device"])
+        writer.writeheader()
+        writer.writerows({**asdict(row), "device": machine} for row in rows)
+    else:
+        print(f"{machine}; median of {args.repeats} rounds\n\n{markdown(rows)}")
+    if args.plot:
+        plot(rows, args.plot, machine)
+        print(f"plot written to {args.plot}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""Export a model to TorchScript, torch.export or ONNX, and check the file against the eager model.
+
+    python -m utils.export OUTPUT [--model ENTRY] [--weights FILE_OR_URL] [--num-classes N] [--features-only]
+
+The format follows OUTPUT's suffix: ``.pt`` (TorchScript, for C++ and torch.jit.load), ``.pt2``
+(torch.export, for torch.export.load and AOTInductor) or ``.onnx`` (ONNX, for onnxruntime, TensorRT,
+OpenVINO). Batch size, height and width stay free in the exported graph. After writing, the file is
+loaded back and run on the bundled sample photos; the command fails if its outputs differ from the
+eager model's by more than the tolerance.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .checkpoint import CheckpointError
+from .inference import SAMPLES, positive
+
+try:  # imported through hubconf.py's private package name
+    from ..models import WEIGHTS, create_model
+except ImportError:  # run from the repository root: python -m utils.export
+    from models import WEIGHTS, create_model
+
+FORMATS = {".pt": "torchscript", ".pt2": "torch.export", ".onnx": "onnx"}
+TOLERANCE = 1e-4  # largest output difference, relative to the largest output
+
+
+class ExportError(RuntimeError):
+    """An export failed, or the exported file does not reproduce the model."""
+
+
+def export(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write ``model`` (in eval mode) to ``path`` in the format of its suffix; see the module docstring."""
+    path = Path(path)
+    kind = FORMATS.get(path.suffix)
+    if kind is None:
+        raise ValueError(f"{path}: unknown format {path.suffix!r}; use one of {', '.join(FORMATS)}")
+    model = model.eval()
+    # Batch 2 and 64 pixels: the exporters specialise a dimension of 1, and a last stage of 1x1.
+    example = torch.randn(2, 3, 64, 64)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        if kind == "torchscript":
+            # Tracing records the ResNet's fixed sequence of operations; shapes stay symbolic.
+            torch.jit.save(torch.jit.trace(model, example, strict=False), path)
+        elif kind == "torch.export":
+            torch.export.save(torch.export.export(model, (example,), dynamic_shapes=_dynamic_shapes()), path)
+        else:
+            _export_onnx(model, example, path)
+    return path
+
+
+def _dynamic_shapes() -> dict:
+    # Free wherever the graph allows: any batch, any height and width from 33 pixels.
+    return {"x": {0: torch.export.Dim.AUTO, 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}}
+
+
+def _export_onnx(model: nn.Module, example: Tensor, path: Path) -> None:
+    try:
+        import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
+    except ImportError as e:
+        raise ExportError("ONNX export needs the onnx and onnxscript packages: pip install onnx onnxscript") from e
+    features = getattr(model, "feature_info", None)
+    outputs = [f["module"] for f in features] if features else ["logits"]
+    program = torch.onnx.export(model, (example,), dynamic_shapes=_dynamic_shapes(), input_names=["image"],
+                                output_names=outputs, verbose=False)
+    program.save(str(path), external_data=False)  # one file: every model here is under protobuf's 2 GiB
+
+
+def load(path: str | os.PathLike):
+    """A callable that runs the exported file: float32 NCHW tensor in, list of output tensors out."""
+    path = Path(path)
+    kind = FORMATS.get(path.suffix)
+    if kind == "torchscript":
+        module = torch.jit.load(path)
+        return lambda x: _as_list(module(x))
+    if kind == "torch.export":
+        module = torch.export.load(path).module()
+        return lambda x: _as_list(module(x))
+    if kind == "onnx":
+        try:
+            import onnxruntime
+        except ImportError as e:
+            raise ExportError("running an ONNX file needs onnxruntime: pip install onnxruntime") from e
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        return lambda x: [torch.from_numpy(y) for y in session.run(None, {name: x.detach().cpu().numpy()})]
+    raise ValueError(f"{path}: unknown format {path.suffix!r}; use one of {', '.join(FORMATS)}")
+
+
+def _as_list(out) -> list[Tensor]:
+    return [out] if isinstance(out, Tensor) else list(out)
+
+
+def check(model: nn.Module, path: str | os.PathLike, x: Tensor, tolerance: float = TOLERANCE) -> float:
+    """Run ``x`` through the model and the exported file; return the largest difference relative to
+    the largest output, and raise ExportError if it exceeds ``tolerance`` or the shapes differ."""
+    with torch.no_grad():
+        expected, got = _as_list(model.eval()(x)), load(path)(x)
+    if [tuple(t.shape) for t in got] != [tuple(t.shape) for t in expected]:
+        raise ExportError(f"{path}: output shapes {[tuple(t.shape) for t in got]} differ from the model's "
+                          f"{[tuple(t.shape) for t in expected]}")
+    error = max(float((g - e).abs().max() / e.abs().max().clamp_min(1e-12)) for g, e in zip(got, expected))
+    if error > tolerance:
+        raise ExportError(f"{path}: outputs differ from the eager model's by {error:.2e} (relative), "
+                          f"more than {tolerance:.0e}")
+    return error
+
+
+def sample_batch(model: nn.Module) -> Tensor:
+    """The bundled sample photos, preprocessed for ``model``."""
+    return torch.stack([model.preprocess(p) for p in sorted(SAMPLES.glob("*.[jp][pn]g"))])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m utils.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("output", help="the file to write: NAME.pt (TorchScript), NAME.pt2 or NAME.onnx")
+    parser.add_argument("--model", default="resnet50_swsl", choices=list(WEIGHTS), metavar="ENTRY",
+                        help="one of the twelve entries (default: resnet50_swsl)")
+    parser.add_argument("--weights", help="a checkpoint path or URL to load instead of the published weights")
+    parser.add_argument("--num-classes", type=positive, default=1000, help="classes of --weights' head")
+    parser.add_argument("--features-only", action="store_true", help="export the backbone's feature maps")
+    args = parser.parse_args(argv)
+    if Path(args.output).suffix not in FORMATS:
+        parser.error(f"{args.output}: the name must end in {', '.join(FORMATS)}")
+
+    try:
+        model = create_model(args.model, weights=args.weights, num_classes=args.num_classes,
+                             features_only=args.features_only)
+        path = export(model, args.output)
+        error = check(model, path, sample_batch(model))
+    except (ValueError, FileNotFoundError, CheckpointError, ExportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"{path} ({FORMATS[path.suffix]}, {path.stat().st_size / 2**20:.1f} MiB): outputs on the sample photos "
+          f"equal the eager model's within {error:.1e} (relative)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""Fast inference: BatchNorm folded into the convolutions, channels_last, bf16/fp16, torch.compile.
+
+A ResNet in eval mode spends almost all its time in convolutions. Folding each BatchNorm into the
+convolution before it removes a pass over every activation, and channels_last lets oneDNN (CPU) and
+cuDNN (GPU) run their fastest kernels; bfloat16 doubles the arithmetic rate where the hardware has
+it. The result takes and returns float32, so it drops into code written for the eager model.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+DTYPES = {None: torch.float32, torch.float32: torch.float32, torch.bfloat16: torch.bfloat16,
+          torch.float16: torch.float16}
+# What travels with the models of this repository, kept on the optimised module too.
+METADATA = ("pretrained_cfg", "preprocess", "feature_info", "num_features")
+
+
+def optimize_for_inference(model: nn.Module, *, dtype: torch.dtype | None = None, channels_last: bool = True,
+                           compile: bool = False) -> nn.Module:
+    """An inference-only copy of ``model``: BatchNorm folded into the convolutions, channels_last, ``dtype``.
+
+    It takes the same NCHW float32 input and returns float32 outputs (logits, pooled features or the
+    list of feature maps); internally it runs in ``dtype`` (``torch.bfloat16`` or ``torch.float16``;
+    None keeps float32) on the model's device, with gradients off. ``compile=True`` also passes it
+    through ``torch.compile`` with weight freezing, which fuses the ReLUs and residual additions into
+    the convolutions: the first call then takes seconds to compile. ``model`` itself is left unchanged.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"optimize_for_inference expects a torch.nn.Module, got {type(model).__name__}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be None, torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}")
+    for name, flag in (("channels_last", channels_last), ("compile", compile)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True or False, got {flag!r}")
+    dtype = DTYPES[dtype]
+    device = _device_of(model)
+    _check_dtype_supported(dtype, device)
+
+    fast = fold_batchnorm(model)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    _convert_tensors(fast, dtype, memory_format)
+    if compile:
+        # Freezing lets inductor treat the weights as constants: it pre-packs them and fuses
+        # convolution, bias, addition and ReLU into one kernel.
+        fast = torch.compile(fast, options={"freezing": True})
+    optimized = InferenceModel(fast, dtype, memory_format)
+    for name in METADATA:
+        if hasattr(model, name):
+            setattr(optimized, name, getattr(model, name))
+    return optimized
+
+
+class InferenceModel(nn.Module):
+    """Runs ``model`` in ``dtype`` and ``memory_format`` with gradients off; float32 in, float32 out."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype, memory_format: torch.memory_format):
+        super().__init__()
+        self.model, self.dtype, self.memory_format = model, dtype, memory_format
+        self.train(False)
+
+    def forward(self, x: Tensor) -> Tensor | list[Tensor]:
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            raise TypeError("expected a float tensor of preprocessed images (N, 3, H, W), got "
+                            + (f"dtype {x.dtype}" if isinstance(x, Tensor) else type(x).__name__)
+                            + ": use model.preprocess(image) to make one")
+        with torch.no_grad():
+            out = self.model(x.to(dtype=self.dtype, memory_format=self.memory_format))
+        return out.float() if isinstance(out, Tensor) else [o.float() for o in out]
+
+    def train(self, mode: bool = True) -> InferenceModel:
+        if mode:
+            raise RuntimeError("an optimised model is for inference only (its BatchNorm layers are folded away): "
+                               "train or fine-tune the original model, then optimise it again")
+        return super().train(False)
+
+    def extra_repr(self) -> str:
+        return f"dtype={self.dtype}, memory_format={self.memory_format}"
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` in which each BatchNorm that follows a convolution is folded into it.
+
+    Pairs are found by this repository's layout: ``convK`` then ``bnK`` in one module, and a
+    convolution followed by a norm layer in a Sequential (the downsampling branch). The folding uses
+    the running statistics, as eval mode does. Other modules keep their tensors, shared with
+    ``model``: the copy costs only the memory of the new convolution weights.
+    """
+    shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    folded = copy.deepcopy(model, shared)  # the modules are copied; their tensors are not
+    folded.eval()
+    for parent, conv_name, norm_name in list(_conv_norm_pairs(folded)):
+        conv, norm = getattr(parent, conv_name), getattr(parent, norm_name)
+        conv.weight, conv.bias = fuse_conv_bn_weights(conv.weight, conv.bias, norm.running_mean, norm.running_var,
+                                                      norm.eps, norm.weight, norm.bias)
+        setattr(parent, norm_name, nn.Identity())
+    return folded
+
+
+def _conv_norm_pairs(model: nn.Module):
+    for parent in model.modules():
+        children = dict(parent.named_children())
+        for name, child in children.items():
+            if isinstance(parent, nn.Sequential):
+                before = str(int(name) - 1) if name.isdigit() and int(name) > 0 else None
+            else:
+                before = name.replace("bn", "conv", 1) if name.startswith("bn") else None
+            if before in children and isinstance(children[before], nn.Conv2d) and _is_foldable(child):
+                yield parent, before, name
+
+
+def _is_foldable(module: nn.Module) -> bool:
+    """BatchNorm2d in eval mode, or a frozen BatchNorm: a per-channel affine map known in advance."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return isinstance(module, nn.BatchNorm2d) and module.running_mean is not None
+    return all(isinstance(getattr(module, name, None), Tensor)
+               for name in ("running_mean", "running_var", "weight", "bias")) and hasattr(module, "eps")
+
+
+def _convert_tensors(model: nn.Module, dtype: torch.dtype, memory_format: torch.memory_format) -> None:
+    """Give each module new tensors in ``dtype`` and ``memory_format``. Module.to() would convert
+    the tensors in place, and they may still be shared with the original model."""
+    def convert(t: Tensor) -> Tensor:
+        t = t.to(dtype) if t.is_floating_point() else t
+        return t.contiguous(memory_format=memory_format) if t.dim() == 4 else t
+
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            setattr(module, name, nn.Parameter(convert(param.detach()), requires_grad=False))
+        for name, buffer in module.named_buffers(recurse=False):
+            setattr(module, name, convert(buffer))
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    devices = {t.device for t in itertools.chain(model.parameters(), model.buffers())}
+    if len(devices) != 1:
+        raise ValueError(f"the model's tensors should be on one device, found {sorted(map(str, devices)) or 'none'}")
+    device = devices.pop()
+    if device.type == "meta":
+        raise ValueError("the model's weights are on the meta device (not loaded): load them first")
+    return device
+
+
+def _check_dtype_supported(dtype: torch.dtype, device: torch.device) -> None:
+    """Refuse a low precision that the hardware would only emulate, slower than float32."""
+    if dtype == torch.float32:
+        return
+    name = str(dtype).removeprefix("torch.")
+    if device.type == "cuda":
+        if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+            raise ValueError(f"{device} has no native bfloat16: use dtype=torch.float16")
+        return
+    if device.type == "cpu":
+        supported = (torch.ops.mkldnn._is_mkldnn_bf16_supported() if dtype == torch.bfloat16
+                     else torch.ops.mkldnn._is_mkldnn_fp16_supported())
+        if not supported:
+            raise ValueError(f"this CPU has no native {name} (it needs AVX512-BF16, AMX or AVX512-FP16): "
+                             f"{name} would run slower than float32 here; use dtype=None")
+        return
+    raise ValueError(f"dtype={dtype} on {device} is untested here: use dtype=None (float32)")
