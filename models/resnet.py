@@ -12,6 +12,29 @@ import torch
 from torch import Tensor, nn
 
 NormLayer = Callable[[int], nn.Module]
+MIN_SIZE = 32  # the network reduces images 32 times: smaller ones have nothing left to classify
+
+
+def check_input(x: Tensor, weight: Tensor) -> None:
+    """Raise a clear error for input the network cannot take: torch's own errors name neither the
+    expected layout nor the remedy (and a CHW image without a batch dimension would not even fail)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"expected a tensor of images (N, 3, H, W), got {type(x).__name__}")
+    shape = tuple(x.shape)
+    if x.dim() != 4:
+        hint = ": add the batch dimension with x[None]" if x.dim() == 3 else ""
+        raise ValueError(f"expected a batch of images of shape (N, 3, H, W), got shape {shape}{hint}")
+    if shape[1] != 3:
+        hint = "; channels last? use x.permute(0, 3, 1, 2)" if shape[3] == 3 else ""
+        raise ValueError(f"expected 3 colour channels, (N, 3, H, W), got shape {shape}{hint}")
+    if not x.is_floating_point():
+        raise TypeError(f"expected float input, got {x.dtype}: model.preprocess(image) scales and normalises images")
+    if x.dtype != weight.dtype or x.device != weight.device:
+        raise TypeError(f"the input is {x.dtype} on {x.device} but the model is {weight.dtype} on {weight.device}: "
+                        f"use x.to({str(weight.device)!r}, {weight.dtype})")
+    if min(shape[2:]) < MIN_SIZE:
+        raise ValueError(f"images must be at least {MIN_SIZE}x{MIN_SIZE} pixels, got {shape[2]}x{shape[3]}: "
+                         "resize them (model.preprocess makes 224x224)")
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> nn.Conv2d:
@@ -163,6 +186,7 @@ class ResNet(nn.Module):
         return optimize_for_inference(self, dtype=dtype, channels_last=channels_last, compile=compile)
 
     def forward(self, x: Tensor) -> Tensor:
+        check_input(x, self.conv1.weight)
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(torch.flatten(self.avgpool(x), 1))
@@ -195,6 +219,7 @@ class ResNetFeatures(ResNet):
         del self.avgpool, self.fc
 
     def forward(self, x: Tensor) -> list[Tensor]:  # type: ignore[override]
+        check_input(x, self.conv1.weight)
         x = self.relu(self.bn1(self.conv1(x)))
         features = [x] if 0 in self.out_indices else []
         x = self.maxpool(x)

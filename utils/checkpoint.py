@@ -1,9 +1,10 @@
 """Fetch, verify and load checkpoints.
 
 Downloads land in torch.hub's cache (``torch.hub.get_dir()/checkpoints``, so ``TORCH_HOME`` is
-respected) and only after their SHA-256 prefix checks out. Loading is always ``weights_only``, and
-assigns the checkpoint's tensors to the model instead of copying them, so a model built on the meta
-device never holds its weights twice.
+respected), only after their SHA-256 prefix checks out; utils/download.py adds the timeout and lets
+one process download for many. Loading is always ``weights_only``, and assigns the checkpoint's
+tensors to the model instead of copying them, so a model built on the meta device never holds its
+weights twice.
 """
 from __future__ import annotations
 
@@ -15,11 +16,12 @@ import sys
 import uuid
 import zipfile
 from pathlib import Path
-from urllib.error import HTTPError, URLError
 from urllib.parse import urlparse
 
 import torch
 from torch import Tensor, nn
+
+from . import download
 
 URL_SCHEMES = ("http", "https", "file")
 # "name-0123abcd.pth": the hex digits are the start of the file's SHA-256 (torch.hub's convention).
@@ -61,29 +63,33 @@ def fetch(url: str, *, expected_hash: str | None = None, progress: bool = True, 
     """The cached copy of ``url``, downloaded and verified first if it is not in the cache yet.
 
     ``expected_hash`` defaults to the prefix the file name carries; with neither, nothing is checked.
-    A download that fails or does not verify leaves nothing in the cache.
+    A download that fails or does not verify leaves nothing in the cache. Processes that miss the
+    same file at once wait for the first one's download instead of repeating it.
     """
     name = os.path.basename(urlparse(url).path)
     if not name:
         raise ValueError(f"the URL {url} does not end in a file name")
     path = cache_dir() / name
     if path.exists():
-        return path
+        return path  # no lock, no network: a cached file is complete, it was moved in whole
     expected_hash = expected_hash or hash_prefix(name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{name}.{uuid.uuid4().hex}.partial")
-    sys.stderr.write(f'Downloading: "{url}" to {path}\n')
-    try:
-        torch.hub.download_url_to_file(url, str(partial), progress=progress)
-        if expected_hash:
-            verify(partial, expected_hash, url)
-        os.replace(partial, path)  # atomic: readers see the whole verified file or none
-    except (HTTPError, URLError, OSError) as e:
-        reason = f"HTTP {e.code} {e.reason}" if isinstance(e, HTTPError) else getattr(e, "reason", e)
-        raise CheckpointError(f"could not download {url}: {reason}. Check the URL and your connection"
-                              f"{remedy}, or download the file yourself and pass weights=<its path>.") from e
-    finally:
-        partial.unlink(missing_ok=True)
+    with download.exclusive(path.with_name(f".{name}.lock")):
+        if path.exists():
+            return path  # another process downloaded it while this one waited
+        partial = path.with_name(f".{name}.{uuid.uuid4().hex}.partial")
+        sys.stderr.write(f'Downloading: "{url}" to {path}\n')
+        try:
+            download.download(url, partial, progress=progress)
+            if expected_hash:
+                verify(partial, expected_hash, url)
+            os.replace(partial, path)  # atomic: readers see the whole verified file or none
+        except OSError as e:
+            raise CheckpointError(f"could not download {url}: {e}. Nothing was cached; try again, check the URL and "
+                                  f"your connection{remedy}, or download the file yourself and pass "
+                                  "weights=<its path>.") from e
+        finally:
+            partial.unlink(missing_ok=True)
     return path
 
 

@@ -1,0 +1,289 @@
+"""Downloads under faults, concurrent loads, offline use, other hub repositories, bad input.
+
+Faults come from a loopback server on 127.0.0.1 that misbehaves on purpose for the first
+request(s) of a path and serves the file properly afterwards.
+"""
+from __future__ import annotations
+
+import dataclasses
+import http.server
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from models import WEIGHTS, create_model
+from utils import checkpoints
+from utils.checkpoint import CheckpointError
+
+from .conftest import REPO
+
+
+class FaultyServer:
+    """GET /MODE/N/NAME serves the file NAME, but the first N requests of that path fail as MODE says:
+    drop (half the body, then close), stall (headers, a little body, then silence), 404, 500, or
+    redirect (to /ok/0/NAME). MODE slow serves the file in paced 1 MiB pieces."""
+
+    def __init__(self, root: Path):
+        self.root, self.requests, self.counts = root, [], {}
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                server.requests.append(self.path)
+                _, mode, failures, name = self.path.split("/", 3)
+                seen = server.counts[self.path] = server.counts.get(self.path, 0) + 1
+                body = (server.root / name).read_bytes()
+                if seen > int(failures) and mode != "slow":
+                    mode = "ok"
+                if mode in ("404", "500"):
+                    self.send_error(int(mode))
+                    return
+                if mode == "redirect":
+                    self.send_response(302)
+                    self.send_header("Location", f"/ok/0/{name}")
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if mode == "drop":
+                    self.wfile.write(body[: len(body) // 2])
+                    self.close_connection = True
+                elif mode == "stall":
+                    self.wfile.write(body[:1000])
+                    self.wfile.flush()
+                    time.sleep(4)
+                    self.close_connection = True
+                elif mode == "slow":
+                    for start in range(0, len(body), 1 << 20):
+                        self.wfile.write(body[start:start + (1 << 20)])
+                        time.sleep(0.03)
+                else:
+                    self.wfile.write(body)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def faulty(resnet18_checkpoint):
+    server = FaultyServer(resnet18_checkpoint.parent)
+    yield server
+    server.httpd.shutdown()
+
+
+def cache_files(torch_home: Path) -> list[str]:
+    directory = torch_home / "hub" / "checkpoints"
+    return sorted(p.name for p in directory.iterdir()) if directory.exists() else []
+
+
+@pytest.mark.parametrize("mode, message", [
+    ("drop", r"the connection closed after [\d,]+ of [\d,]+ bytes"),
+    ("stall", r"no data for 1 s \(set SEMI_SUPERVISED_DOWNLOAD_TIMEOUT to wait longer\)"),
+    ("404", "HTTP 404 Not Found"),
+    ("500", "HTTP 500 Internal Server Error"),
+])
+def test_a_failed_download_says_why_caches_nothing_and_the_next_attempt_succeeds(
+        faulty, resnet18_checkpoint, torch_home, monkeypatch, mode, message):
+    monkeypatch.setenv("SEMI_SUPERVISED_DOWNLOAD_TIMEOUT", "1")
+    url = f"{faulty.url}/{mode}/1/{resnet18_checkpoint.name}"
+    start = time.monotonic()
+    with pytest.raises(CheckpointError, match=rf"could not download {url}: {message}\. Nothing was cached; try again"):
+        create_model("resnet18_ssl", weights=url, progress=False)
+    assert time.monotonic() - start < 3  # a stalled server costs the timeout, not forever
+    assert cache_files(torch_home) == []  # no partial file, no corrupt file
+    model = create_model("resnet18_ssl", weights=url, progress=False)
+    assert model.pretrained_cfg["source"] == url and cache_files(torch_home) == [resnet18_checkpoint.name]
+
+
+def test_a_redirect_is_followed(faulty, resnet18_checkpoint, torch_home):
+    url = f"{faulty.url}/redirect/1/{resnet18_checkpoint.name}"
+    create_model("resnet18_ssl", weights=url, progress=False)
+    assert faulty.requests == [f"/redirect/1/{resnet18_checkpoint.name}", f"/ok/0/{resnet18_checkpoint.name}"]
+    assert cache_files(torch_home) == [resnet18_checkpoint.name]
+
+
+def test_a_bad_timeout_setting_is_named(faulty, resnet18_checkpoint, monkeypatch):
+    monkeypatch.setenv("SEMI_SUPERVISED_DOWNLOAD_TIMEOUT", "soon")
+    with pytest.raises(ValueError, match="SEMI_SUPERVISED_DOWNLOAD_TIMEOUT='soon': expected a number of seconds"):
+        create_model("resnet18_ssl", weights=f"{faulty.url}/ok/0/{resnet18_checkpoint.name}")
+
+
+def test_processes_loading_the_same_missing_checkpoint_share_one_download(faulty, resnet18_checkpoint, torch_home):
+    url = f"{faulty.url}/slow/0/{resnet18_checkpoint.name}"
+    script = f"from models import create_model; create_model('resnet18_ssl', weights={url!r}, progress=False)"
+    env = {**os.environ, "TORCH_HOME": str(torch_home)}
+    workers = [subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+               for _ in range(4)]
+    results = [(w.wait(timeout=120), w.stderr.read()) for w in workers]
+    assert all(code == 0 for code, _ in results), results
+    assert faulty.requests == [f"/slow/0/{resnet18_checkpoint.name}"]  # one download, the others waited for it
+    assert sum("Downloading:" in err for _, err in results) == 1
+    assert cache_files(torch_home) == [resnet18_checkpoint.name]
+
+
+def refused_url() -> str:
+    """A URL on 127.0.0.1 where nothing listens: any connection to it is refused at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/"
+
+
+def test_offline_a_cached_checkpoint_loads_without_any_connection(resnet18_checkpoint, torch_home, monkeypatch):
+    cache = torch_home / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    (cache / WEIGHTS["resnet18_ssl"].file_name).write_bytes(resnet18_checkpoint.read_bytes())
+    monkeypatch.setenv("SEMI_SUPERVISED_WEIGHTS_MIRROR", refused_url())
+    model = create_model("resnet18_ssl")
+    assert model.pretrained_cfg["head"] == "pretrained"
+    # And without the file, the same mirror fails at once, naming the remedy: so the load above made no connection.
+    (cache / WEIGHTS["resnet18_ssl"].file_name).unlink()
+    with pytest.raises(CheckpointError, match="Connection refused.*SEMI_SUPERVISED_WEIGHTS_MIRROR"):
+        create_model("resnet18_ssl", progress=False)
+
+
+# Other hub repositories with top-level "models" and "utils" packages, as ultralytics/yolov5 and
+# facebookresearch/detr have.
+OTHER_HUBCONF = '''
+dependencies = ["torch"]
+from models.common import make
+from utils.general import tag
+
+def detector(**kwargs):
+    """Another repository's entry."""
+    return make(tag())
+'''
+
+
+@pytest.fixture
+def other_repo(tmp_path) -> Path:
+    repo = tmp_path / "other"
+    for package, module, code in (("models", "common", "def make(tag):\n    return {'made_by': tag}\n"),
+                                  ("utils", "general", "def tag():\n    return 'other utils'\n")):
+        (repo / package).mkdir(parents=True)
+        (repo / package / "__init__.py").write_text(f"NAME = 'other {package}'\n")
+        (repo / package / f"{module}.py").write_text(code)
+    (repo / "hubconf.py").write_text(OTHER_HUBCONF)
+    return repo
+
+
+def run_python(code: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, capture_output=True, text=True,
+                          timeout=120)
+
+
+LOAD_OURS = f"ours = torch.hub.load({str(REPO)!r}, 'resnet18_ssl', source='local', pretrained=False)\n"
+CHECK_OURS = ("assert ours(torch.randn(1, 3, 64, 64)).shape == (1, 1000)\n"
+              "assert ours.optimize_for_inference()(torch.randn(1, 3, 64, 64)).shape == (1, 1000)\n")
+CHECK_OTHER = ("assert other == {'made_by': 'other utils'}, other\n"
+               "import models, utils\n"
+               "assert models.NAME == 'other models' and utils.NAME == 'other utils'\n"
+               "assert sys.modules['models.common'].make('x') == {'made_by': 'x'}\n")
+
+
+@pytest.mark.parametrize("order", ["other first", "ours first"])
+def test_coexists_with_a_hub_repository_that_has_models_and_utils_packages(other_repo, tmp_path, order):
+    load_other = f"other = torch.hub.load({str(other_repo)!r}, 'detector', source='local')\n"
+    first, second = (load_other, LOAD_OURS) if order == "other first" else (LOAD_OURS, load_other)
+    done = run_python("import sys, torch\n" + first + second + CHECK_OURS + CHECK_OTHER
+                      + "print(sorted(m for m in sys.modules if m.split('.')[0] in ('models', 'utils')))\n",
+                      cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    # Only the other repository's packages are under the top-level names; ours live under a private name.
+    assert done.stdout.strip() == "['models', 'models.common', 'utils', 'utils.general']"
+
+
+def test_a_users_own_utils_and_models_modules_stay_theirs(tmp_path):
+    (tmp_path / "utils.py").write_text("MINE = 'my utils'\n")
+    (tmp_path / "models.py").write_text("MINE = 'my models'\n")
+    done = run_python("import sys, torch, utils, models\n" + LOAD_OURS + CHECK_OURS
+                      + "import utils as u, models as m\nassert (u.MINE, m.MINE) == ('my utils', 'my models')\n",
+                      cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+
+
+# python -m utils.checkpoints
+
+
+@pytest.fixture
+def cached_resnet18(resnet18_checkpoint, torch_home, monkeypatch) -> Path:
+    """The generated checkpoint in the cache as the registry's resnet18_ssl file: the registry entry
+    is pointed at its name, since a generated file cannot have the published hash."""
+    name = f"semi_supervised_resnet18-{resnet18_checkpoint.name.rsplit('-', 1)[1]}"
+    monkeypatch.setitem(WEIGHTS, "resnet18_ssl", dataclasses.replace(WEIGHTS["resnet18_ssl"], file_name=name))
+    cache = torch_home / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    path = cache / name
+    path.write_bytes(resnet18_checkpoint.read_bytes())
+    return path
+
+
+def test_checkpoints_list_verify_clear(cached_resnet18, capsys):
+    (cached_resnet18.parent / f".{cached_resnet18.name}.0123.partial").write_bytes(b"half")
+    (cached_resnet18.parent / "someone_elses.pth").write_bytes(b"not ours")
+    assert checkpoints.main(["list"]) == 0
+    out = capsys.readouterr().out
+    size = f"{cached_resnet18.stat().st_size / 2**20:.1f} MiB"
+    assert "1 of 12 checkpoint(s)" in out and "resnet18_ssl" in out and size in out
+    assert "(left over)" in out and "someone_elses" not in out
+    assert checkpoints.main(["verify"]) == 0
+    assert "ok  resnet18_ssl" in capsys.readouterr().out
+    assert checkpoints.main(["clear"]) == 0
+    assert sorted(p.name for p in cached_resnet18.parent.iterdir()) == ["someone_elses.pth"]
+    assert checkpoints.main(["verify"]) == 0 and "no checkpoints cached" in capsys.readouterr().out
+
+
+def test_checkpoints_verify_finds_a_damaged_file_and_says_how_to_fix_it(cached_resnet18, capsys):
+    data = bytearray(cached_resnet18.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte
+    cached_resnet18.write_bytes(bytes(data))
+    assert checkpoints.main(["verify", "resnet18_ssl"]) == 1
+    out, err = capsys.readouterr()
+    assert "BAD resnet18_ssl" in out
+    assert "Remove them with: python -m utils.checkpoints clear resnet18_ssl" in err
+
+
+def test_checkpoints_refuses_an_unknown_entry(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        checkpoints.main(["clear", "resnet19_ssl"])
+    assert exit_.value.code == 2 and "unknown entry resnet19_ssl" in capsys.readouterr().err
+
+
+def test_python_m_utils_checkpoints(torch_home):
+    done = subprocess.run([sys.executable, "-m", "utils.checkpoints", "list"], cwd=REPO, capture_output=True,
+                          text=True, env={**os.environ, "TORCH_HOME": str(torch_home)})
+    assert done.returncode == 0 and f"{torch_home / 'hub' / 'checkpoints'}: 0 of 12 checkpoint(s)" in done.stdout
+
+
+# Bad input to the models
+
+
+@pytest.mark.parametrize("x, error, match", [
+    (torch.randn(3, 224, 224), ValueError, r"shape \(N, 3, H, W\), got shape \(3, 224, 224\): add the batch dimension"),
+    (torch.randn(1, 224, 224, 3), ValueError, r"3 colour channels.*channels last\? use x.permute\(0, 3, 1, 2\)"),
+    (torch.randn(1, 1, 224, 224), ValueError, r"3 colour channels, \(N, 3, H, W\), got shape \(1, 1, 224, 224\)$"),
+    (torch.zeros(1, 3, 224, 224, dtype=torch.uint8), TypeError, "float input, got torch.uint8: model.preprocess"),
+    (torch.randn(1, 3, 64, 64, dtype=torch.float64), TypeError,
+     r"input is torch.float64 on cpu but the model is torch.float32 on cpu: use x.to\('cpu', torch.float32\)"),
+    (torch.randn(1, 3, 16, 300), ValueError, "at least 32x32 pixels, got 16x300"),
+    ("cat.jpg", TypeError, "expected a tensor of images .*got str"),
+])
+@pytest.mark.parametrize("features_only", [False, True])
+def test_bad_input_tensors_are_named(x, error, match, features_only):
+    model = create_model("resnet18_ssl", pretrained=False, features_only=features_only)
+    with pytest.raises(error, match=match):
+        model(x)
