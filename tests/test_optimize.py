@@ -4,11 +4,10 @@ import torch
 from torch import nn
 
 from models import ARCHS, WEIGHTS, create_model
-from utils import optimize_for_inference
+from utils import export, optimize_for_inference
 from utils.optimize import fold_batchnorm
 
-from .conftest import random_state_dict
-from .test_images import SAMPLES
+from .conftest import REPO, random_state_dict
 
 ONE_ENTRY_PER_ARCH = list({w.arch.name: name for name, w in reversed(WEIGHTS.items())}.values())[::-1]
 CPU_BF16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
@@ -30,9 +29,9 @@ def relative_error(got, expected):
 
 
 def photos(model):
-    paths = sorted(SAMPLES.glob("*.[jp][pn]g"))
-    assert len(paths) >= 2
-    return torch.stack([model.preprocess(p) for p in paths])
+    batch = export.sample_batch(model)
+    assert len(batch) >= 2
+    return batch
 
 
 def test_every_architecture_in_float32_equals_eager():
@@ -187,6 +186,6 @@ def test_fold_batchnorm_alone_shares_the_untouched_tensors():
 
 
 def test_the_method_on_a_hub_loaded_model():
-    model = torch.hub.load(str(SAMPLES.parents[1]), "resnet18_ssl", source="local", pretrained=False)
+    model = torch.hub.load(str(REPO), "resnet18_ssl", source="local", pretrained=False)
     fast = model.optimize_for_inference(channels_last=False)
     assert type(fast).__name__ == "InferenceModel" and not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())

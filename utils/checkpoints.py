@@ -23,7 +23,8 @@ except ImportError:  # run from the repository root: python -m utils.checkpoints
 
 def cached(entries: list[str]) -> list[tuple[str, Path]]:
     """(entry, path) of the entries' files that are in the cache."""
-    return [(e, cache_dir() / WEIGHTS[e].file_name) for e in entries if (cache_dir() / WEIGHTS[e].file_name).is_file()]
+    paths = [(e, cache_dir() / WEIGHTS[e].file_name) for e in entries]
+    return [(e, path) for e, path in paths if path.is_file()]
 
 
 def leftovers(entries: list[str]) -> list[Path]:

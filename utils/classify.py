@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from .checkpoint import CheckpointError
 from .images import IMAGE_SUFFIXES
-from .inference import SAMPLES, ImageFiles, add_model_arguments, batches, load_model, pick_device, positive
+from .inference import ImageFiles, add_model_arguments, batches, load_model, pick_device, positive, sample_photos
 
 
 def find_images(patterns: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     add_model_arguments(parser, batch_size=16)
     args = parser.parse_args(argv)
 
-    paths, problems = find_images(args.paths) if args.paths else (sorted(SAMPLES.glob("*.[jp][pn]g")), [])
+    paths, problems = find_images(args.paths) if args.paths else (sample_photos(), [])
     try:
         device = pick_device(args.device)
         model = load_model(args.model, args.weights, device, dtype=args.dtype)

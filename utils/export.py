@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import CheckpointError
-from .inference import SAMPLES, positive
+from .inference import positive, sample_photos
 
 try:  # imported through hubconf.py's private package name
     from ..models import WEIGHTS, create_model
@@ -114,7 +114,7 @@ def check(model: nn.Module, path: str | os.PathLike, x: Tensor, tolerance: float
 
 def sample_batch(model: nn.Module) -> Tensor:
     """The bundled sample photos, preprocessed for ``model``."""
-    return torch.stack([model.preprocess(p) for p in sorted(SAMPLES.glob("*.[jp][pn]g"))])
+    return torch.stack([model.preprocess(p) for p in sample_photos()])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,6 +38,11 @@ def add_model_arguments(parser: argparse.ArgumentParser, batch_size: int) -> Non
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
+def sample_photos() -> list[Path]:
+    """The bundled sample photos, in name order."""
+    return sorted(SAMPLES.glob("*.[jp][pn]g"))
+
+
 def positive(text: str) -> int:
     value = int(text)
     if value < 1:
