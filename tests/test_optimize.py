@@ -1,17 +1,21 @@
 """utils.optimize_for_inference: the same outputs as the eager model, faster layouts, the original untouched."""
+import platform
+
 import pytest
 import torch
 from torch import nn
 
 from models import ARCHS, WEIGHTS, create_model
-from utils import export, optimize_for_inference
+from utils import export, hardware, optimize_for_inference
 from utils.optimize import fold_batchnorm
 
 from .conftest import REPO, random_state_dict
 
 ONE_ENTRY_PER_ARCH = list({w.arch.name: name for name, w in reversed(WEIGHTS.items())}.values())[::-1]
-CPU_BF16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-CPU_FP16 = torch.ops.mkldnn._is_mkldnn_fp16_supported()
+# CPU flags of the three kinds of machine that CI lands on, for the hardware check's branches.
+ZEN5 = frozenset({"avx2", "avx512f", "avx512_vnni", "avx512_bf16"})
+CASCADE_LAKE = frozenset({"avx2", "avx512f", "avx512_vnni"})  # AVX-512 without bf16: oneDNN would emulate it
+ZEN1 = frozenset({"avx2"})
 
 
 def trained_like(entry, **kwargs):
@@ -118,9 +122,9 @@ def test_a_frozen_batchnorm_backbone_is_folded_too():
         assert all(relative_error(g, e) < 1e-4 for g, e in zip(fast(x), model(x)))
 
 
-@pytest.mark.skipif(not CPU_BF16, reason="this CPU has no native bfloat16")
 @pytest.mark.parametrize("entry", ["resnet18_swsl", "resnet50_swsl", "resnext50_32x4d_swsl"])
-def test_bfloat16_keeps_the_top1_of_float32_on_the_sample_photos(entry):
+def test_bfloat16_keeps_the_top1_of_float32_on_the_sample_photos(entry, monkeypatch):
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: ZEN5)  # runs (emulated, slower) on any CPU
     model = trained_like(entry)
     x = photos(model)
     with torch.no_grad():
@@ -134,15 +138,36 @@ def test_bfloat16_keeps_the_top1_of_float32_on_the_sample_photos(entry):
     assert relative_error(got, expected) < 3e-2
 
 
-def test_float16_on_the_cpu_is_refused_where_it_would_be_emulated():
+@pytest.mark.parametrize("flags", [CASCADE_LAKE, ZEN1, frozenset()], ids=["avx512-no-bf16", "avx2", "unknown"])
+def test_a_precision_the_cpu_would_emulate_is_refused(flags, monkeypatch):
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: flags)
     model = trained_like("resnet18_ssl")
-    if CPU_FP16:
-        x = torch.randn(1, 3, 64, 64)
-        with torch.no_grad():
-            assert relative_error(optimize_for_inference(model, dtype=torch.float16)(x), model(x)) < 3e-2
-    else:
-        with pytest.raises(ValueError, match="no native float16.*use dtype=None"):
-            optimize_for_inference(model, dtype=torch.float16)
+    for dtype, name in ((torch.bfloat16, "bfloat16"), (torch.float16, "float16")):
+        with pytest.raises(ValueError, match=f"this CPU has no native {name} .*use dtype=None"):
+            optimize_for_inference(model, dtype=dtype)
+
+
+@pytest.mark.parametrize("flags, native", [(ZEN5, {torch.bfloat16}), (frozenset({"amx_bf16", "amx_fp16"}),
+                                            {torch.bfloat16, torch.float16}), (CASCADE_LAKE, set())])
+def test_native_precisions_follow_the_instructions(flags, native, monkeypatch):
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: flags)
+    assert {d for d in (torch.bfloat16, torch.float16) if hardware.cpu_has_native(d)} == native
+    assert hardware.cpu_has_native(torch.float32)
+
+
+def test_the_cpu_flags_are_read_from_the_machine():
+    flags = hardware.cpu_flags()
+    if platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64"):
+        assert "sse2" in flags  # every x86-64 CPU has it
+    assert hardware.cpu_name() and "cores" in hardware.describe_cpu()
+
+
+def test_float16_runs_where_the_cpu_has_it(monkeypatch):
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx512_fp16"}))
+    model = trained_like("resnet18_ssl")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert relative_error(optimize_for_inference(model, dtype=torch.float16)(x), model(x)) < 3e-2
 
 
 def test_compiled_equals_eager():

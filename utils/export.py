@@ -11,6 +11,7 @@ eager model's by more than the tolerance.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -61,15 +62,26 @@ def _dynamic_shapes() -> dict:
 
 
 def _export_onnx(model: nn.Module, example: Tensor, path: Path) -> None:
+    program = onnx_program(model, example)
+    program.save(str(path), external_data=False)  # one file: every model here is under protobuf's 2 GiB
+
+
+def onnx_program(model: nn.Module, example: Tensor | None = None):
+    """``model`` (in eval mode) as an in-memory ONNX program with free batch size, height and width:
+    ``.model_proto.SerializeToString()`` gives the bytes that onnxruntime and OpenVINO read."""
     try:
         import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
     except ImportError as e:
         raise ExportError("ONNX export needs the onnx and onnxscript packages: pip install onnx onnxscript") from e
     features = getattr(model, "feature_info", None)
     outputs = [f["module"] for f in features] if features else ["logits"]
-    program = torch.onnx.export(model, (example,), dynamic_shapes=_dynamic_shapes(), input_names=["image"],
-                                output_names=outputs, verbose=False)
-    program.save(str(path), external_data=False)  # one file: every model here is under protobuf's 2 GiB
+    # The exporter warns on every call that torchvision's detection operators are not registered:
+    # these models use none of them.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    with torch.no_grad():
+        return torch.onnx.export(model, (torch.randn(2, 3, 64, 64) if example is None else example,),
+                                 dynamic_shapes=_dynamic_shapes(), input_names=["image"], output_names=outputs,
+                                 verbose=False)
 
 
 def load(path: str | os.PathLike):

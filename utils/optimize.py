@@ -14,24 +14,38 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
+from . import backends
+from .hardware import check_native
+
 DTYPES = {None: torch.float32, torch.float32: torch.float32, torch.bfloat16: torch.bfloat16,
           torch.float16: torch.float16}
+BACKENDS = ("torch", "onnxruntime", "openvino", "auto")
 # What travels with the models of this repository, kept on the optimised module too.
 METADATA = ("pretrained_cfg", "preprocess", "feature_info", "num_features")
 
 
-def optimize_for_inference(model: nn.Module, *, dtype: torch.dtype | None = None, channels_last: bool = True,
-                           compile: bool = False) -> nn.Module:
-    """An inference-only copy of ``model``: BatchNorm folded into the convolutions, channels_last, ``dtype``.
+def optimize_for_inference(model: nn.Module, *, backend: str = "torch", dtype: torch.dtype | None = None,
+                           channels_last: bool = True, compile: bool = False) -> nn.Module:
+    """An inference-only copy of ``model`` that runs faster and takes and returns what it does.
 
-    It takes the same NCHW float32 input and returns float32 outputs (logits, pooled features or the
-    list of feature maps); internally it runs in ``dtype`` (``torch.bfloat16`` or ``torch.float16``;
-    None keeps float32) on the model's device, with gradients off. ``compile=True`` also passes it
-    through ``torch.compile`` with weight freezing, which fuses the ReLUs and residual additions into
-    the convolutions: the first call then takes seconds to compile. ``model`` itself is left unchanged.
+    It takes the same NCHW float32 input, of any batch size and image size from 33 pixels, and
+    returns float32 outputs (logits, pooled features or the list of feature maps), with gradients off
+    and the model's metadata; ``model`` itself is left unchanged. ``backend`` runs it in:
+
+    - ``"torch"``: BatchNorm folded into the convolutions, weights in channels_last, computed in
+      ``dtype`` on the model's device; ``compile=True`` also passes it through ``torch.compile``
+      with weight freezing (the first call then takes seconds to compile);
+    - ``"onnxruntime"`` or ``"openvino"`` (CPU, optional installs): the model's ONNX export run by
+      that runtime, exported once per model and weights;
+    - ``"auto"``: each input shape on whichever of these is fastest here, timed on its first batch.
+
+    ``dtype`` is ``torch.bfloat16`` or ``torch.float16`` where the hardware computes it natively
+    (a ValueError says so elsewhere), None for float32.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize_for_inference expects a torch.nn.Module, got {type(model).__name__}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be None, torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}")
     for name, flag in (("channels_last", channels_last), ("compile", compile)):
@@ -39,8 +53,25 @@ def optimize_for_inference(model: nn.Module, *, dtype: torch.dtype | None = None
             raise TypeError(f"{name} must be True or False, got {flag!r}")
     dtype = DTYPES[dtype]
     device = _device_of(model)
-    _check_dtype_supported(dtype, device)
+    check_native(dtype, device)
+    if backend in backends.PEERS:
+        if device.type != "cpu":
+            raise ValueError(f"backend={backend!r} runs on the CPU here, but the model is on {device}: "
+                             "use backend='torch' on a GPU")
+        if compile:
+            raise ValueError(f"compile=True applies to backend='torch' (or 'auto'), not {backend!r}")
+        optimized = _peer(model, backend, dtype)
+    elif backend == "auto":
+        optimized = _auto(model, dtype, channels_last, compile, device)
+    else:
+        optimized = _torch(model, dtype, channels_last, compile)
+    for name in METADATA:
+        if hasattr(model, name):
+            setattr(optimized, name, getattr(model, name))
+    return optimized
 
+
+def _torch(model: nn.Module, dtype: torch.dtype, channels_last: bool, compile: bool) -> InferenceModel:
     fast = fold_batchnorm(model)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     _convert_tensors(fast, dtype, memory_format)
@@ -48,14 +79,30 @@ def optimize_for_inference(model: nn.Module, *, dtype: torch.dtype | None = None
         # Freezing lets inductor treat the weights as constants: it pre-packs them and fuses
         # convolution, bias, addition and ReLU into one kernel.
         fast = torch.compile(fast, options={"freezing": True})
-    optimized = InferenceModel(fast, dtype, memory_format)
-    for name in METADATA:
-        if hasattr(model, name):
-            setattr(optimized, name, getattr(model, name))
-    return optimized
+    return InferenceModel(fast, dtype, memory_format)
 
 
-class InferenceModel(nn.Module):
+def _peer(model: nn.Module, backend: str, dtype: torch.dtype) -> backends.PeerModel:
+    features = getattr(model, "feature_info", None) is not None
+    return backends.PeerModel(backends.peer_runner(model, backend, dtype), backend, dtype, features)
+
+
+def _auto(model: nn.Module, dtype: torch.dtype, channels_last: bool, compile: bool,
+          device: torch.device) -> backends.AutoModel:
+    """torch, and on the CPU each installed runtime that computes ``dtype``; one that cannot take
+    this model is left out with a warning rather than failing the whole call."""
+    candidates = {"torch": _torch(model, dtype, channels_last, compile)}
+    for backend in backends.PEERS if device.type == "cpu" else ():
+        if not backends.installed(backend) or (backend == "onnxruntime" and dtype != torch.float32):
+            continue
+        try:
+            candidates[backend] = _peer(model, backend, dtype)
+        except Exception as e:  # noqa: BLE001  (an exporter or runtime limit: the other candidates still serve)
+            backends.logger.warning("backend='auto': leaving out %s, which failed: %s", backend, e)
+    return backends.AutoModel(candidates)
+
+
+class InferenceModel(backends.InferenceOnly):
     """Runs ``model`` in ``dtype`` and ``memory_format`` with gradients off; float32 in, float32 out."""
 
     def __init__(self, model: nn.Module, dtype: torch.dtype, memory_format: torch.memory_format):
@@ -71,12 +118,6 @@ class InferenceModel(nn.Module):
         with torch.no_grad():
             out = self.model(x.to(dtype=self.dtype, memory_format=self.memory_format))
         return out.float() if isinstance(out, Tensor) else [o.float() for o in out]
-
-    def train(self, mode: bool = True) -> InferenceModel:
-        if mode:
-            raise RuntimeError("an optimised model is for inference only (its BatchNorm layers are folded away): "
-                               "train or fine-tune the original model, then optimise it again")
-        return super().train(False)
 
     def extra_repr(self) -> str:
         return f"dtype={self.dtype}, memory_format={self.memory_format}"
@@ -143,22 +184,3 @@ def _device_of(model: nn.Module) -> torch.device:
     if device.type == "meta":
         raise ValueError("the model's weights are on the meta device (not loaded): load them first")
     return device
-
-
-def _check_dtype_supported(dtype: torch.dtype, device: torch.device) -> None:
-    """Refuse a low precision that the hardware would only emulate, slower than float32."""
-    if dtype == torch.float32:
-        return
-    name = str(dtype).removeprefix("torch.")
-    if device.type == "cuda":
-        if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
-            raise ValueError(f"{device} has no native bfloat16: use dtype=torch.float16")
-        return
-    if device.type == "cpu":
-        supported = (torch.ops.mkldnn._is_mkldnn_bf16_supported() if dtype == torch.bfloat16
-                     else torch.ops.mkldnn._is_mkldnn_fp16_supported())
-        if not supported:
-            raise ValueError(f"this CPU has no native {name} (it needs AVX512-BF16, AMX or AVX512-FP16): "
-                             f"{name} would run slower than float32 here; use dtype=None")
-        return
-    raise ValueError(f"dtype={dtype} on {device} is untested here: use dtype=None (float32)")

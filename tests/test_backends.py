@@ -1,0 +1,158 @@
+"""optimize_for_inference(backend=...): ONNX Runtime, OpenVINO and "auto" keep the model's interface."""
+import sys
+
+import pytest
+import torch
+
+from utils import backends, export, hardware, optimize_for_inference
+
+from .test_optimize import relative_error, trained_like
+
+PEERS = list(backends.PEERS)
+SHAPES = [(1, 3, 224, 224), (3, 3, 33, 50)]  # batch 1 at the usual size; another batch, the smallest size
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    return trained_like("resnet18_ssl")
+
+
+@pytest.fixture(scope="module")
+def exports(monkeypatch_module):
+    """Counts the real ONNX exports made while the tests of this module run."""
+    calls = []
+    real = export.onnx_program
+
+    def counting(model, example=None):
+        calls.append(type(model).__name__)
+        return real(model, example)
+
+    monkeypatch_module.setattr(export, "onnx_program", counting)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as m:
+        yield m
+
+
+@pytest.mark.parametrize("backend", PEERS)
+def test_float32_outputs_equal_eager_at_any_batch_and_size(backend, classifier, exports):
+    fast = optimize_for_inference(classifier, backend=backend)
+    assert fast.backend == backend and not fast.training
+    for shape in SHAPES:
+        x = torch.randn(shape)
+        with torch.no_grad():
+            expected = classifier(x)
+        got = fast(x)
+        assert got.dtype == torch.float32 and got.shape == expected.shape
+        assert relative_error(got, expected) < 1e-4, (backend, shape)
+    # Metadata travels, training is refused as for the torch backend.
+    assert fast.pretrained_cfg is classifier.pretrained_cfg and fast.preprocess is classifier.preprocess
+    with pytest.raises(RuntimeError, match="inference only"):
+        fast.train()
+
+
+def test_the_export_is_made_once_per_model_and_weights(classifier, exports):
+    for backend in (*PEERS, *PEERS, "auto"):
+        optimize_for_inference(classifier, backend=backend)
+    assert exports.count("ResNet") <= 1  # the first test of this module may have made it already
+    model = trained_like("resnet18_swsl")
+    optimize_for_inference(model, backend="onnxruntime")
+    before = len(exports)
+    optimize_for_inference(model, backend="openvino")
+    assert len(exports) == before
+    # Weights changed in place: exported afresh, and the outputs follow the new weights.
+    with torch.no_grad():
+        model.fc.bias += 1.0
+    fast = optimize_for_inference(model, backend="openvino")
+    assert len(exports) == before + 1
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert relative_error(fast(x), model(x)) < 1e-4
+
+
+@pytest.mark.parametrize("backend", PEERS)
+@pytest.mark.parametrize("kwargs", [{"num_classes": 0}, {"features_only": True, "out_indices": (0, 2, 4)}])
+def test_pooled_features_and_feature_maps(backend, kwargs):
+    model = trained_like("resnet18_ssl", **kwargs)
+    x = torch.randn(2, 3, 96, 64)
+    with torch.no_grad():
+        expected = model(x)
+    got = optimize_for_inference(model, backend=backend)(x)
+    if kwargs.get("features_only"):
+        assert isinstance(got, list) and [g.shape for g in got] == [e.shape for e in expected]
+        assert all(g.dtype == torch.float32 and relative_error(g, e) < 1e-4 for g, e in zip(got, expected))
+    else:
+        assert got.shape == (2, 512) and relative_error(got, expected) < 1e-4
+
+
+def test_auto_runs_each_shape_on_the_fastest_candidate(classifier):
+    fast = optimize_for_inference(classifier, backend="auto")
+    assert set(fast.candidates) == {"torch", *(b for b in PEERS if backends.installed(b))}
+    assert fast.pretrained_cfg["entry"] == "resnet18_ssl"
+    for shape in SHAPES:
+        x = torch.randn(shape)
+        with torch.no_grad():
+            expected = classifier(x)
+        assert relative_error(fast(x), expected) < 1e-4
+        assert relative_error(fast(x), expected) < 1e-4  # the second call goes straight to the winner
+    assert set(fast.choices) == {(1, 224, 224), (3, 33, 50)} and set(fast.choices.values()) <= set(fast.candidates)
+
+
+def test_auto_in_bfloat16_leaves_out_what_cannot_compute_it(classifier, monkeypatch):
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx512_bf16"}))  # on any CPU
+    fast = optimize_for_inference(classifier, backend="auto", dtype=torch.bfloat16)
+    assert "onnxruntime" not in fast.candidates and "torch" in fast.candidates
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert relative_error(fast(x), classifier(x)) < 3e-2
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"backend": "tensorrt"}, ValueError, "backend must be one of 'torch', 'onnxruntime', 'openvino', 'auto'"),
+    ({"backend": "onnxruntime", "compile": True}, ValueError, "compile=True applies to backend='torch'"),
+    ({"backend": "onnxruntime", "dtype": torch.float16}, ValueError, "no native float16|onnxruntime.*float32"),
+])
+def test_bad_arguments(classifier, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        optimize_for_inference(classifier, **kwargs)
+
+
+def test_onnxruntime_in_bfloat16_is_refused_before_exporting(classifier, monkeypatch):
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"amx_bf16"}))
+    with pytest.raises(ValueError, match="onnxruntime.* float32 on the CPU: use dtype=None, or backend='openvino'"):
+        optimize_for_inference(classifier, backend="onnxruntime", dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend", PEERS)
+def test_a_missing_runtime_names_its_install(classifier, backend, monkeypatch):
+    monkeypatch.setitem(sys.modules, backend, None)  # import fails, as where it is not installed
+    with pytest.raises(ImportError, match=f"backend='{backend}' needs the {backend} package: pip install {backend}"):
+        optimize_for_inference(classifier, backend=backend)
+    fast = optimize_for_inference(classifier, backend="auto")
+    assert backend not in fast.candidates
+
+
+@pytest.mark.parametrize("backend", PEERS)
+def test_bad_inputs_get_the_models_errors(classifier, backend):
+    fast = optimize_for_inference(classifier, backend=backend)
+    with pytest.raises(TypeError, match="float tensor .*got dtype torch.uint8.*model.preprocess"):
+        fast(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="add the batch dimension"):
+        fast(torch.zeros(3, 64, 64))
+    with pytest.raises(ValueError, match="at least 32x32"):
+        fast(torch.zeros(1, 3, 16, 64))
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)  # any float dtype is taken, as by the torch backend
+    with torch.no_grad():
+        assert relative_error(fast(x), classifier(x.float())) < 1e-4
+
+
+@pytest.mark.parametrize("backend", PEERS)
+def test_outputs_belong_to_the_caller(classifier, backend):
+    fast = optimize_for_inference(classifier, backend=backend)
+    first = fast(torch.randn(2, 3, 64, 64))
+    kept = first.clone()
+    fast(torch.randn(2, 3, 64, 64))
+    assert torch.equal(first, kept)

@@ -1,0 +1,210 @@
+"""ONNX Runtime and OpenVINO behind the model's own interface, and "auto", which picks the fastest.
+
+Both runtimes read the model's ONNX export (``utils.export.onnx_program``). The export takes seconds,
+so it is made once per model and weights and kept while the model lives: a second
+``optimize_for_inference`` of the same model reuses it, and its runtime sessions too. Changing the
+weights in place (an optimizer step, ``load_state_dict``) makes the next call export afresh.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import queue
+import time
+import weakref
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .hardware import check_native
+
+try:  # imported through hubconf.py's private package name
+    from ..models.resnet import check_input
+except ImportError:  # imported as a top-level package, from the repository root
+    from models.resnet import check_input
+
+logger = logging.getLogger("semi_supervised_hub")
+
+PEERS = {"onnxruntime": "pip install onnxruntime", "openvino": "pip install openvino"}
+OPENVINO_PRECISION = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+RACED_SHAPES = 64  # "auto" remembers its choice for this many input shapes, then goes by the most frequent
+
+
+def installed(backend: str) -> bool:
+    try:
+        importlib.import_module(backend)
+    except ImportError:
+        return False
+    return True
+
+
+def require(backend: str) -> None:
+    if not installed(backend):
+        raise ImportError(f"backend={backend!r} needs the {backend} package: {PEERS[backend]}")
+
+
+@dataclass
+class _Exported:
+    fingerprint: tuple
+    onnx: bytes
+    runners: dict = field(default_factory=dict)  # (backend, dtype, threads) -> runner
+
+
+_EXPORTS: weakref.WeakKeyDictionary[nn.Module, _Exported] = weakref.WeakKeyDictionary()
+
+
+def _fingerprint(model: nn.Module) -> tuple:
+    """Changes when any tensor of the model is replaced or modified in place (its version counter)."""
+    return tuple((name, t.data_ptr(), t._version, tuple(t.shape), t.dtype)
+                 for name, t in model.state_dict(keep_vars=True).items())
+
+
+def _exported(model: nn.Module) -> _Exported:
+    fingerprint = _fingerprint(model)
+    cached = _EXPORTS.get(model)
+    if cached is None or cached.fingerprint != fingerprint:
+        from .export import onnx_program
+        from .optimize import fold_batchnorm  # a folded copy: fewer nodes to export, the model untouched
+
+        start = time.perf_counter()
+        program = onnx_program(fold_batchnorm(model).float())
+        cached = _Exported(fingerprint, program.model_proto.SerializeToString())
+        _EXPORTS[model] = cached
+        logger.info("exported %s to ONNX in %.1f s", type(model).__name__, time.perf_counter() - start)
+    return cached
+
+
+def onnxruntime_runner(onnx: bytes, dtype: torch.dtype, threads: int) -> Callable[[np.ndarray], list[np.ndarray]]:
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    # Idle threads sleep instead of spinning, so they leave the cores to torch and DataLoader workers.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = onnxruntime.InferenceSession(onnx, options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda x: session.run(None, {name: x})
+
+
+def openvino_runner(onnx: bytes, dtype: torch.dtype, threads: int) -> Callable[[np.ndarray], list[np.ndarray]]:
+    import openvino
+
+    core = openvino.Core()
+    # The precision is set explicitly: OpenVINO otherwise computes in bf16 wherever the CPU has it.
+    compiled = core.compile_model(core.read_model(onnx), "CPU", {
+        "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads,
+        "INFERENCE_PRECISION_HINT": OPENVINO_PRECISION[dtype]})
+    idle: queue.SimpleQueue = queue.SimpleQueue()  # one request per concurrent caller, reused
+
+    def run(x: np.ndarray) -> list[np.ndarray]:
+        try:
+            request = idle.get_nowait()
+        except queue.Empty:
+            request = compiled.create_infer_request()
+        try:  # share_outputs=False: the arrays are copies that the next call cannot overwrite
+            return list(request.infer({0: x}, share_inputs=True, share_outputs=False).to_tuple())
+        finally:
+            idle.put(request)
+
+    return run
+
+
+RUNNERS = {"onnxruntime": onnxruntime_runner, "openvino": openvino_runner}
+
+
+def peer_runner(model: nn.Module, backend: str, dtype: torch.dtype) -> Callable[[np.ndarray], list[np.ndarray]]:
+    """A function running ``model`` through ``backend``: a float32 NCHW array in, the output arrays out."""
+    require(backend)
+    if backend == "onnxruntime" and dtype != torch.float32:  # before the export, not after it
+        raise ValueError("backend='onnxruntime' runs these models in float32 on the CPU: use dtype=None, or "
+                         "backend='openvino' or 'torch' for a lower precision")
+    check_native(dtype, torch.device("cpu"))
+    exported = _exported(model)
+    key = (backend, dtype, torch.get_num_threads())
+    if key not in exported.runners:
+        exported.runners[key] = RUNNERS[backend](exported.onnx, dtype, torch.get_num_threads())
+    return exported.runners[key]
+
+
+class InferenceOnly(nn.Module):
+    """Refuses .train(): the BatchNorm layers are folded away, or the model lives in another runtime."""
+
+    def train(self, mode: bool = True) -> InferenceOnly:
+        if mode:
+            raise RuntimeError("an optimised model is for inference only (its BatchNorm layers are folded away): "
+                               "train or fine-tune the original model, then optimise it again")
+        return super().train(False)
+
+
+_CPU_FLOAT32 = torch.empty(0)
+
+
+class PeerModel(InferenceOnly):
+    """Runs the model in ONNX Runtime or OpenVINO on the CPU: float32 NCHW tensor in, float32 out."""
+
+    def __init__(self, runner: Callable[[np.ndarray], list[np.ndarray]], backend: str, dtype: torch.dtype,
+                 features: bool):
+        super().__init__()
+        self.runner, self.backend, self.dtype, self.features = runner, backend, dtype, features
+        self.train(False)
+
+    def forward(self, x: Tensor) -> Tensor | list[Tensor]:
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            raise TypeError("expected a float tensor of preprocessed images (N, 3, H, W), got "
+                            + (f"dtype {x.dtype}" if isinstance(x, Tensor) else type(x).__name__)
+                            + ": use model.preprocess(image) to make one")
+        if x.device.type != "cpu":
+            raise TypeError(f"backend={self.backend!r} runs on the CPU, but the input is on {x.device}: use x.cpu()")
+        x = x.detach().to(torch.float32)
+        check_input(x, _CPU_FLOAT32)
+        outputs = [torch.from_numpy(y) for y in self.runner(np.ascontiguousarray(x.numpy()))]
+        return outputs if self.features else outputs[0]
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend!r}, dtype={self.dtype}"
+
+
+class AutoModel(InferenceOnly):
+    """Runs each input shape on the fastest of several equivalent models, timed on its first call.
+
+    The first batch of each shape (N, H, W) runs through every candidate: once to warm it up, then
+    timed (three times for calls under a second, once for longer ones). Later batches of that shape
+    go straight to the winner; ``choices`` shows which won where.
+    """
+
+    def __init__(self, candidates: dict[str, nn.Module]):
+        super().__init__()
+        self.candidates = nn.ModuleDict(candidates)
+        self.choices: dict[tuple[int, ...], str] = {}
+        self.train(False)
+
+    def forward(self, x: Tensor) -> Tensor | list[Tensor]:
+        shape = (x.shape[0], *x.shape[2:]) if isinstance(x, Tensor) and x.dim() == 4 else None
+        if shape in self.choices:
+            return self.candidates[self.choices[shape]](x)
+        if shape is None or len(self.choices) >= RACED_SHAPES:
+            frequent = Counter(self.choices.values()).most_common(1)
+            return self.candidates[frequent[0][0] if frequent else next(iter(self.candidates))](x)
+        times, output = {}, None
+        for name, candidate in self.candidates.items():
+            start = time.perf_counter()
+            output = candidate(x)  # a bad input fails here, in the first candidate, with its own error
+            warmup = time.perf_counter() - start
+            rounds = []
+            for _ in range(1 if warmup > 1 else 3):
+                start = time.perf_counter()
+                output = candidate(x)
+                rounds.append(time.perf_counter() - start)
+            times[name] = min(rounds)
+        self.choices[shape] = min(times, key=times.get)
+        logger.info("backend='auto' for input %s: %s (%s)", tuple(x.shape), self.choices[shape],
+                    ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in times.items()))
+        return self.candidates[self.choices[shape]](x) if self.choices[shape] != name else output
+
+    def extra_repr(self) -> str:
+        return f"choices={self.choices}"
+
