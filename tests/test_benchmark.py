@@ -17,8 +17,9 @@ def test_timing_is_round_robin_and_skips_the_warmup():
     assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3, "c": 3}
 
 
-def run(capsys, *args):
-    status = benchmark.main(["--models", "resnet18_ssl", "resnet18_swsl", "--batch-sizes", "1", "2",
+def run(capsys, *args, models=("resnet18_ssl", "resnet18_swsl")):
+    # --device cpu: the default would take a GPU where there is one.
+    status = benchmark.main(["--models", *models, "--batch-sizes", "1", "2", "--device", "cpu",
                              "--warmup", "0", "--repeats", "2", *args])
     out, err = capsys.readouterr()
     return status, out, err
@@ -38,11 +39,26 @@ def test_json_rows_are_consistent(capsys, tmp_path):
         assert r["top1"] == WEIGHTS[r["entry"]].measured[0] and r["spread_pct"] >= 0
         assert r["channels_last"] == (r["variant"] == "optimized") and "torch 2." in r["device"]
     for eager, optimized in zip(rows[::2], rows[1::2]):
-        assert eager["speedup"] == 1.0
+        assert eager["speedup"] == 1.0 and eager["max_error"] == 0.0
         assert optimized["speedup"] == pytest.approx(eager["ms_per_batch"] / optimized["ms_per_batch"])
+        assert 0 < optimized["max_error"] < 1e-4 and optimized["vs_fastest_peer"] is None
     # ssl and swsl share an architecture: timed once, reported for both.
     assert [r["ms_per_batch"] for r in rows[:4]] == [r["ms_per_batch"] for r in rows[4:]]
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_peers_run_in_the_same_rounds_and_are_checked_against_eager(capsys):
+    status, out, _ = run(capsys, "--peers", "--json", models=("resnet18_ssl",))
+    assert status == 0
+    rows = [json.loads(line) for line in out.splitlines()]
+    for batch_size in (1, 2):
+        mine = {r["variant"]: r for r in rows if r["batch_size"] == batch_size}
+        assert list(mine) == ["eager", "optimized", "onnxruntime", "openvino", "auto"]
+        fastest = min(mine[p]["ms_per_batch"] for p in ("onnxruntime", "openvino"))
+        for r in mine.values():
+            assert r["vs_fastest_peer"] == pytest.approx(fastest / r["ms_per_batch"])
+            assert r["max_error"] < 1e-4  # every variant computes what eager float32 does
+        assert max(mine[p]["vs_fastest_peer"] for p in ("onnxruntime", "openvino")) == pytest.approx(1.0)
 
 
 def test_markdown_and_csv(capsys):
@@ -51,7 +67,8 @@ def test_markdown_and_csv(capsys):
     lines = out.splitlines()
     assert "threads, torch" in lines[0] and "median of 2 rounds" in lines[0]
     # One line per architecture, batch size and variant: ssl and swsl share theirs.
-    assert lines[2].startswith("| model | batch | variant |") and len(lines) == 4 + 4
+    assert lines[2].startswith("| model | batch | variant |") and "| vs fastest peer |" in lines[2]
+    assert len(lines) == 4 + 4
     assert "| `resnet18_ssl`, `resnet18_swsl` | 1 | optimized fp32 NCHW |" in out and "| 1.00x |" in out
     status, out, _ = run(capsys, "--csv")
     rows = list(csv.DictReader(io.StringIO(out)))
@@ -63,6 +80,8 @@ def test_markdown_and_csv(capsys):
     (["--batch-sizes", "0"], "argument --batch-sizes: must be at least 1, got 0"),
     (["--dtype", "int8"], "--dtype: invalid choice: 'int8'"),
     (["--json", "--csv"], "not allowed with argument"),
+    (["--plot", "/no/such/folder/plot.png"], "--plot /no/such/folder/plot.png: the folder /no/such/folder does not exist"),
+    (["--plot", "plot.jpeg"], "--plot plot.jpeg: the name must end in .png, .svg or .pdf"),
 ])
 def test_bad_arguments(capsys, args, message):
     with pytest.raises(SystemExit) as exit_:

@@ -1,13 +1,17 @@
-"""Measure inference throughput: plain eager float32 against optimize_for_inference, in one run.
+"""Measure inference speed: plain eager float32 against optimize_for_inference and its peers, in one run.
 
-    python -m utils.benchmark [--models ENTRY ... | all] [--batch-sizes 16] [--dtype float32 bfloat16]
-                              [--compile] [--no-channels-last] [--device cpu] [--json | --csv] [--plot FILE.png]
+    python -m utils.benchmark [--models ENTRY ... | all] [--batch-sizes 1 16] [--dtype float32 bfloat16]
+                              [--compile] [--peers] [--no-channels-last] [--device cpu] [--json | --csv]
+                              [--plot FILE.png]
 
 For each model and batch size, the plain eager float32 model and each optimised variant run in turn,
-round after round, so that the machine's ups and downs fall on all of them alike. Each row gives the
-median time of a batch, its spread, images/s, the achieved GFLOP/s (two FLOPs per multiply-accumulate
-in the registry), the dense matrix-multiply ceiling measured in the same run, and the speedup over the
-plain eager float32 model. Weights are random: speed does not depend on them. Entries that share an
+round after round, so that the machine's ups and downs fall on all of them alike. ``--peers`` adds
+ONNX Runtime and OpenVINO (those installed) running the model's ONNX export with as many threads as
+torch, and ``backend="auto"``. Each row gives the median time of a batch, its spread, images/s, the
+achieved GFLOP/s (two FLOPs per multiply-accumulate in the registry), the dense matrix-multiply
+ceiling measured in the same run, the speed relative to the plain eager float32 model and to the
+fastest peer, and the largest difference of its outputs from eager float32's (relative to the
+largest output). Weights are random: speed does not depend on them. Entries that share an
 architecture (ssl and swsl) are timed once.
 """
 from __future__ import annotations
@@ -17,7 +21,6 @@ import csv
 import functools
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -28,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from . import backends
+from .hardware import describe_cpu
 from .inference import DTYPES, pick_device, positive
 from .optimize import optimize_for_inference
 
@@ -39,13 +44,14 @@ except ImportError:  # run from the repository root: python -m utils.benchmark
 SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 MATMUL_SIZE = {True: 2048, False: 8192}  # on CPU, on GPU
 ALLOCATOR_SETTINGS = ("GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_CONF")  # shown with the results: they change them
+PEERS = tuple(backends.PEERS)
 
 
 @dataclass
 class Row:
     entry: str
     batch_size: int
-    variant: str  # "eager" (the plain model) or "optimized"
+    variant: str  # "eager" (the plain model), "optimized" (backend="torch"), "onnxruntime", "openvino" or "auto"
     dtype: str
     channels_last: bool
     compiled: bool
@@ -56,13 +62,17 @@ class Row:
     ceiling_gflops: float  # dense matrix multiply in the same dtype, same run
     ceiling_pct: float
     speedup: float  # over plain eager float32, same model and batch size
+    vs_fastest_peer: float | None  # speed over the fastest of ONNX Runtime and OpenVINO in the same dtype
+    max_error: float  # largest output difference from eager float32, relative to the largest output
     top1: float  # ImageNet-1k val top-1 measured with the published weights
 
     @property
     def label(self) -> str:
         if self.variant == "eager":
             return "eager fp32"
-        return (f"optimized {SHORT[self.dtype]}" + ("" if self.channels_last else " NCHW")
+        if self.variant in PEERS:
+            return f"{self.variant} {SHORT[self.dtype]}"
+        return (f"{self.variant} {SHORT[self.dtype]}" + ("" if self.channels_last else " NCHW")
                 + (" compiled" if self.compiled else ""))
 
 
@@ -103,28 +113,52 @@ def gemm_gflops(device: torch.device, seconds: float) -> float:
     return 2 * MATMUL_SIZE[device.type == "cpu"] ** 3 / seconds / 1e9
 
 
+def variants(dtypes: list[str], compile: bool, peers: list[str]) -> list[tuple[str, str, bool]]:
+    """(variant, dtype, compiled) in the order they run and are reported."""
+    torch_variants = [("optimized", d, c) for d in dtypes for c in ((False, True) if compile else (False,))]
+    peer_variants = [(p, d, False) for d in dtypes for p in peers if p != "onnxruntime" or d == "float32"]
+    auto = [("auto", d, False) for d in dtypes] if peers else []
+    return [("eager", "float32", False), *torch_variants, *peer_variants, *auto]
+
+
+def build(eager: torch.nn.Module, variant: str, dtype: str, compiled: bool, channels_last: bool) -> torch.nn.Module:
+    if variant == "eager":
+        return eager
+    backend = "torch" if variant == "optimized" else variant
+    return optimize_for_inference(eager, backend=backend, dtype=DTYPES[dtype], channels_last=channels_last,
+                                  compile=compiled)
+
+
+def relative_error(got, expected) -> float:
+    got, expected = (o if isinstance(o, list) else [o] for o in (got, expected))
+    return max(float((g - e).abs().max() / e.abs().max().clamp_min(1e-12)) for g, e in zip(got, expected))
+
+
 def benchmark(entries: list[str], batch_sizes: list[int], dtypes: list[str], channels_last: bool, compile: bool,
-              device: torch.device, warmup: int, repeats: int, progress: bool = True) -> list[Row]:
+              device: torch.device, warmup: int, repeats: int, progress: bool = True,
+              peers: list[str] = ()) -> list[Row]:
     # The matrix multiplies run in the same rounds as the models, so that they see the same machine.
     matmuls = {f"{path} {name}": f for name in dict.fromkeys(["float32", *dtypes])
                for path, f in matmul_functions(device, DTYPES[name]).items()}
-    variants = [("eager", "float32", False)] + [("optimized", d, c) for d in dtypes
-                                                for c in ((False, True) if compile else (False,))]
+    runs = variants(dtypes, compile, list(peers))
     timed: dict[tuple[str, int], dict[tuple, list[float]]] = {}
+    errors: dict[tuple[str, int], dict[tuple, float]] = {}
     archs = {WEIGHTS[e].arch.name: e for e in reversed(entries)}  # arch -> the first entry that has it
-    bar = tqdm(total=len(archs) * len(batch_sizes) * (warmup + repeats) * (len(variants) + len(matmuls)),
+    bar = tqdm(total=len(archs) * len(batch_sizes) * (warmup + repeats) * (len(runs) + len(matmuls)),
                desc="benchmark", unit="batch", disable=not progress or None)
     for arch, entry in archs.items():
         if compile:
             torch.compiler.reset()  # or, after 8 models, torch.compile would quietly fall back to eager
         eager = create_model(entry, pretrained=False).to(device)
-        models = {v: eager if v[0] == "eager" else
-                  optimize_for_inference(eager, dtype=DTYPES[v[1]], channels_last=channels_last, compile=v[2])
-                  for v in variants}
+        bar.set_postfix_str(f"{entry}: preparing")
+        models = {v: build(eager, *v, channels_last) for v in runs}
         for batch_size in batch_sizes:
             x = torch.randn(batch_size, 3, 224, 224, device=device)
             bar.set_postfix_str(f"{entry} batch {batch_size}")
             with torch.inference_mode():
+                expected = eager(x)
+                # Timed calls follow: the first call of "auto" (which times its candidates) is not among them.
+                errors[arch, batch_size] = {v: relative_error(m(x), expected) for v, m in models.items()}
                 timed[arch, batch_size] = time_interleaved(
                     {**{v: functools.partial(m, x) for v, m in models.items()}, **matmuls},
                     warmup, repeats, device, bar.update)
@@ -138,38 +172,39 @@ def benchmark(entries: list[str], batch_sizes: list[int], dtypes: list[str], cha
             times = timed[weight_set.arch.name, batch_size]
             ceilings = {d: max(gemm_gflops(device, statistics.median(times[f"{path} {d}"])) for path in ("mm", "conv"))
                         for d in ("float32", *dtypes)}
-            baseline = statistics.median(times[variants[0]])
-            for variant, dtype, compiled in variants:
+            baseline = statistics.median(times[runs[0]])
+            fastest_peer = {d: min(statistics.median(times[v]) for v in runs if v[0] in PEERS and v[1] == d)
+                            for d in dtypes if any(v[0] in PEERS and v[1] == d for v in runs)}
+            for variant, dtype, compiled in runs:
                 seconds = statistics.median(times[variant, dtype, compiled])
                 spread = max(times[variant, dtype, compiled]) - min(times[variant, dtype, compiled])
                 gflops = 2 * weight_set.arch.gmacs * batch_size / seconds
-                rows.append(Row(entry, batch_size, variant, dtype, channels_last and variant != "eager", compiled,
+                peer = fastest_peer.get(dtype)
+                rows.append(Row(entry, batch_size, variant, dtype,
+                                channels_last and variant in ("optimized", "auto"), compiled,
                                 ms_per_batch=seconds * 1e3, spread_pct=spread / seconds * 100,
                                 images_per_second=batch_size / seconds, gflops=gflops,
                                 ceiling_gflops=ceilings[dtype], ceiling_pct=gflops / ceilings[dtype] * 100,
-                                speedup=baseline / seconds, top1=weight_set.measured[0]))
+                                speedup=baseline / seconds, vs_fastest_peer=None if peer is None else peer / seconds,
+                                max_error=errors[weight_set.arch.name, batch_size][variant, dtype, compiled],
+                                top1=weight_set.measured[0]))
     return rows
 
 
 def describe(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     # The allocator matters on CPU: see the README's performance section.
     allocator = "".join(f", {name}={os.environ[name]}" for name in ALLOCATOR_SETTINGS if name in os.environ)
-    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}{allocator}"
+    return f"{describe_cpu()}, {torch.get_num_threads()} threads, torch {torch.__version__}{allocator}"
 
 
 def markdown(rows: list[Row]) -> str:
     """A table with one line per architecture, batch size and variant: entries that share an
     architecture share their timing."""
-    lines = ["| model | batch | variant | ms/batch (spread) | images/s | GFLOP/s | % of matmul ceiling | speedup |",
-             "|---|---:|---|---:|---:|---:|---:|---:|"]
+    lines = ["| model | batch | variant | ms/batch (spread) | images/s | GFLOP/s | % of matmul ceiling | vs eager "
+             "| vs fastest peer | max. rel. error |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     entries: dict[tuple, list[str]] = {}
     for r in rows:
         entries.setdefault((WEIGHTS[r.entry].arch.name, r.batch_size, r.label), []).append(f"`{r.entry}`")
@@ -181,7 +216,8 @@ def markdown(rows: list[Row]) -> str:
         shown.add(key)
         lines.append(f"| {', '.join(entries[key])} | {r.batch_size} | {r.label} | {r.ms_per_batch:.1f} "
                      f"(±{r.spread_pct / 2:.0f}%) | {r.images_per_second:.1f} | {r.gflops:.0f} | "
-                     f"{r.ceiling_pct:.0f}% of {r.ceiling_gflops:.0f} | {r.speedup:.2f}x |")
+                     f"{r.ceiling_pct:.0f}% of {r.ceiling_gflops:.0f} | {r.speedup:.2f}x | "
+                     + ("" if r.vs_fastest_peer is None else f"{r.vs_fastest_peer:.2f}x") + f" | {r.max_error:.0e} |")
     return "\n".join(lines)
 
 
@@ -228,16 +264,37 @@ def parse_models(names: list[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def pick_peers(device: torch.device) -> list[str]:
+    if device.type != "cpu":
+        raise ValueError(f"--peers: ONNX Runtime and OpenVINO are measured on the CPU here, not on {device}")
+    peers = [p for p in PEERS if backends.installed(p)]
+    if not peers:
+        raise ImportError("--peers needs onnxruntime or openvino: " + " or ".join(backends.PEERS.values()))
+    return peers
+
+
+def check_plot_path(parser: argparse.ArgumentParser, path: str) -> None:
+    """Before the run, not after it: a bad --plot path would waste the whole measurement."""
+    if os.path.splitext(path)[1].lower() not in (".png", ".svg", ".pdf"):
+        parser.error(f"--plot {path}: the name must end in .png, .svg or .pdf")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        parser.error(f"--plot {path}: the folder {folder} does not exist")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m utils.benchmark", description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["resnet50_swsl"], metavar="ENTRY",
                         help="entries to measure, or all (default: resnet50_swsl)")
-    parser.add_argument("--batch-sizes", nargs="+", type=positive, default=[16], metavar="N", help="default 16")
+    parser.add_argument("--batch-sizes", nargs="+", type=positive, default=[1, 16], metavar="N",
+                        help="default: 1 (latency) and 16 (throughput)")
     parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=["float32"],
                         help="precisions of the optimised model (default float32)")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                         help="optimised models in channels_last (default: yes)")
     parser.add_argument("--compile", action="store_true", help="also measure each optimised model torch.compiled")
+    parser.add_argument("--peers", action="store_true",
+                        help="also measure ONNX Runtime and OpenVINO (those installed) and backend='auto' (CPU)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
     parser.add_argument("--repeats", type=positive, default=7, help="timed rounds (default 7)")
@@ -253,11 +310,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.warmup < 0:
         parser.error("--warmup: must be 0 or more")
 
+    if args.plot:
+        check_plot_path(parser, args.plot)
+
     try:
         device = pick_device(args.device)
+        peers = pick_peers(device) if args.peers else []
         rows = benchmark(entries, args.batch_sizes, args.dtype, args.channels_last, args.compile, device,
-                         args.warmup, args.repeats)
-    except ValueError as e:  # a device or a precision this machine does not have
+                         args.warmup, args.repeats, peers=peers)
+    except (ValueError, ImportError) as e:  # a device, precision or runtime this machine does not have
         print(f"error: {e}", file=sys.stderr)
         return 2
     machine = describe(device)

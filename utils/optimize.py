@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-from . import backends
+from . import backends, fused
 from .hardware import check_native
 
 DTYPES = {None: torch.float32, torch.float32: torch.float32, torch.bfloat16: torch.bfloat16,
@@ -79,6 +79,8 @@ def _torch(model: nn.Module, dtype: torch.dtype, channels_last: bool, compile: b
         # Freezing lets inductor treat the weights as constants: it pre-packs them and fuses
         # convolution, bias, addition and ReLU into one kernel.
         fast = torch.compile(fast, options={"freezing": True})
+    elif channels_last and fused.can_fuse(fast):  # float32 on the CPU: weights packed once, ReLU and add fused
+        fast = fused.FusedResNet(fast)
     return InferenceModel(fast, dtype, memory_format)
 
 

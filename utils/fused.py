@@ -1,0 +1,97 @@
+"""Float32 ResNets on the CPU with oneDNN convolutions that do more per call.
+
+Two costs of the plain module, measured on ResNet-50 (see the README's performance section):
+
+- oneDNN reorders every convolution's weights into its blocked layout on every call: at batch 1,
+  about a fifth of the time. Here each weight is reordered once per input shape and kept, for the
+  two most recent shapes; the layout oneDNN picks depends on the shape (batch 1 differs from
+  larger batches), so one packing for all shapes would be slower than none.
+- ReLU and the residual addition are separate passes over each activation. Here they run inside the
+  convolution that produces it.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import Tensor, nn
+
+try:  # imported through hubconf.py's private package name
+    from ..models.resnet import BasicBlock, Bottleneck, ResNet, ResNetFeatures, check_input
+except ImportError:  # imported as a top-level package, from the repository root
+    from models.resnet import BasicBlock, Bottleneck, ResNet, ResNetFeatures, check_input
+
+PACKED_SHAPES = 2  # input shapes whose packed weights are kept: each holds a copy of the weights
+_mkldnn = torch.ops.mkldnn
+
+
+def can_fuse(model: nn.Module) -> bool:
+    """True for this repository's ResNet with every BatchNorm folded, float32 channels_last weights
+    on the CPU, where oneDNN is available."""
+    if type(model) not in (ResNet, ResNetFeatures) or not torch.backends.mkldnn.is_available():
+        return False
+    blocks = [b for b in model.modules() if isinstance(b, (BasicBlock, Bottleneck))]
+    norms = [model.bn1] + [getattr(b, f"bn{i}") for b in blocks for i in (1, 2, 3) if hasattr(b, f"bn{i}")]
+    norms += [b.downsample[1] for b in blocks if b.downsample is not None]
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    return (all(isinstance(n, nn.Identity) for n in norms)
+            and all(b.downsample is None or len(b.downsample) == 2 for b in blocks)
+            and all(c.weight.device.type == "cpu" and c.weight.dtype == torch.float32 and c.bias is not None
+                    and c.padding_mode == "zeros" and not isinstance(c.padding, str) for c in convs))
+
+
+class FusedResNet(nn.Module):
+    """``model`` (BatchNorm folded) computed with packed weights and fused ReLU and additions."""
+
+    def __init__(self, model: ResNet):
+        super().__init__()
+        self.model = model
+        self._packed: OrderedDict[tuple[int, ...], dict[nn.Conv2d, Tensor]] = OrderedDict()
+
+    def forward(self, x: Tensor) -> Tensor | list[Tensor]:
+        m = self.model
+        check_input(x, m.conv1.weight)
+        packed = self._packed_for(tuple(x.shape))
+        x = _conv(m.conv1, x, packed, "relu")
+        wanted = m.out_indices if isinstance(m, ResNetFeatures) else None
+        features = [x] if wanted and 0 in wanted else []
+        x = m.maxpool(x)
+        for i, name in enumerate(("layer1", "layer2", "layer3", "layer4"), 1):
+            if not hasattr(m, name):
+                break
+            for block in getattr(m, name):
+                x = _block(block, x, packed)
+            if wanted and i in wanted:
+                features.append(x)
+        if wanted:
+            return features
+        return m.fc(torch.flatten(m.avgpool(x), 1))
+
+    def _packed_for(self, shape: tuple[int, ...]) -> dict[nn.Conv2d, Tensor]:
+        if shape in self._packed:
+            self._packed.move_to_end(shape)
+        else:
+            while len(self._packed) >= PACKED_SHAPES:
+                self._packed.popitem(last=False)
+            self._packed[shape] = {}  # filled by the first call, as each convolution sees its input
+        return self._packed[shape]
+
+
+def _block(block: BasicBlock | Bottleneck, x: Tensor, packed: dict) -> Tensor:
+    identity = x if block.downsample is None else _conv(block.downsample[0], x, packed)
+    out = _conv(block.conv1, x, packed, "relu")
+    if isinstance(block, Bottleneck):
+        out = _conv(block.conv2, out, packed, "relu")
+    last = block.conv3 if isinstance(block, Bottleneck) else block.conv2
+    return _conv(last, out, packed, "relu", add=identity)
+
+
+def _conv(conv: nn.Conv2d, x: Tensor, packed: dict, unary: str = "none", add: Tensor | None = None) -> Tensor:
+    """relu(conv(x) + add) in one oneDNN call, with the weight packed for this input shape."""
+    args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+    weight = packed.get(conv)
+    if weight is None:
+        weight = packed[conv] = _mkldnn._reorder_convolution_weight(conv.weight, *args, list(x.shape))
+    if add is None:
+        return _mkldnn._convolution_pointwise(x, weight, conv.bias, *args, unary, [], "")
+    return _mkldnn._convolution_pointwise.binary(x, add, weight, conv.bias, *args, "add", 1.0, unary, [], "")
