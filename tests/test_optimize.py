@@ -7,6 +7,7 @@ from torch import nn
 
 from models import ARCHS, WEIGHTS, create_model
 from utils import export, hardware, optimize_for_inference
+from utils.fused import FusedResNet
 from utils.optimize import fold_batchnorm
 
 from .conftest import REPO, random_state_dict
@@ -214,3 +215,34 @@ def test_the_method_on_a_hub_loaded_model():
     model = torch.hub.load(str(REPO), "resnet18_ssl", source="local", pretrained=False)
     fast = model.optimize_for_inference(channels_last=False)
     assert type(fast).__name__ == "InferenceModel" and not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
+
+
+def test_float32_on_the_cpu_packs_weights_per_shape_and_fuses_relu_and_add():
+    model = trained_like("resnext50_32x4d_ssl")
+    fast = optimize_for_inference(model)
+    assert isinstance(fast.model, FusedResNet)
+    shapes = [(1, 3, 64, 64), (2, 3, 96, 64), (1, 3, 64, 64), (3, 3, 33, 40), (2, 3, 96, 64)]
+    for shape in shapes:  # new shapes, repeated ones, and one that pushes out the oldest packing
+        x = torch.randn(shape)
+        with torch.no_grad():
+            assert relative_error(fast(x), model(x)) < 1e-4, shape
+    assert list(fast.model._packed) == [(3, 3, 33, 40), (2, 3, 96, 64)]  # bounded: two packings kept
+    # Where fusing does not apply, the plain folded model runs.
+    assert not isinstance(optimize_for_inference(model, channels_last=False).model, FusedResNet)
+    group_norm = create_model("resnet18_ssl", pretrained=False, norm_layer=lambda c: nn.GroupNorm(8, c)).eval()
+    assert not isinstance(optimize_for_inference(group_norm).model, FusedResNet)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert relative_error(optimize_for_inference(group_norm)(x), group_norm(x)) < 1e-4
+
+
+def test_dilated_backbones_are_fused_too():
+    model = trained_like("resnet50_ssl", features_only=True, replace_stride_with_dilation=[False, True, True])
+    fast = optimize_for_inference(model)
+    assert isinstance(fast.model, FusedResNet)
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        expected = model(x)
+    got = fast(x)
+    assert [g.shape for g in got] == [e.shape for e in expected]
+    assert all(relative_error(g, e) < 1e-4 for g, e in zip(got, expected))

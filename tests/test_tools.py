@@ -45,6 +45,22 @@ def test_classify_json_matches_the_model(model_and_weights, capsys, tmp_path):
         assert row["wnids"] == [wnids[model.pretrained_cfg["classes"].index(label)] for label in labels]
 
 
+@pytest.mark.parametrize("backend", ["onnxruntime", "auto"])
+def test_classify_with_another_backend_gives_the_same_answer(model_and_weights, capsys, backend):
+    model, weights = model_and_weights
+    status, rows, _ = run_classify(capsys, str(SAMPLES), "--weights", weights, "--json", "--backend", backend)
+    assert status == 0 and len(rows) == 2
+    for row in rows:
+        labels, probabilities = expected_top(model, row["path"], 5)
+        assert row["labels"] == labels and row["probabilities"] == pytest.approx(probabilities, abs=1e-5)
+
+
+def test_classify_names_the_install_for_a_missing_backend(model_and_weights, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # as where it is not installed
+    status, _, err = run_classify(capsys, str(SAMPLES), "--weights", model_and_weights[1], "--backend", "openvino")
+    assert status == 2 and "backend='openvino' needs the openvino package: pip install openvino" in err
+
+
 def test_classify_reports_bad_files_and_classifies_the_rest(model_and_weights, capsys, tmp_path):
     _, weights = model_and_weights
     (tmp_path / "broken.jpg").write_text("not an image")
@@ -124,6 +140,14 @@ def test_evaluate_equals_direct_computation(model_and_weights, val_dir, capsys):
     assert status == 0 and 0 < top1 < top5 < n
     assert (result["top1_correct"], result["top5_correct"], result["images"]) == (top1, top5, n)
     assert result["top1"] == pytest.approx(100 * top1 / n) and result["images_per_second"] > 0
+
+
+def test_evaluate_with_the_openvino_backend_counts_the_same(model_and_weights, val_dir, capsys):
+    model, weights = model_and_weights
+    status, result, _ = run_evaluate(capsys, str(val_dir), "--weights", weights, "--backend", "openvino")
+    top1, top5, n = direct_accuracy(model, val_dir)
+    assert status == 0 and result["backend"] == "openvino"
+    assert (result["top1_correct"], result["top5_correct"], result["images"]) == (top1, top5, n)
 
 
 def test_evaluate_limit_and_data_only(model_and_weights, val_dir, capsys):

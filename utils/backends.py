@@ -171,10 +171,13 @@ class PeerModel(InferenceOnly):
 class AutoModel(InferenceOnly):
     """Runs each input shape on the fastest of several equivalent models, timed on its first call.
 
-    The first batch of each shape (N, H, W) runs through every candidate: once to warm it up, then
-    timed (three times for calls under a second, once for longer ones). Later batches of that shape
-    go straight to the winner; ``choices`` shows which won where.
+    The first batch of each shape (N, H, W) runs through every candidate once to warm it up, then
+    three more times, round-robin so that the machine's ups and downs fall on all alike; the fastest
+    single run decides. Later batches of that shape go straight to the winner; ``choices`` shows
+    which won where.
     """
+
+    ROUNDS = 3
 
     def __init__(self, candidates: dict[str, nn.Module]):
         super().__init__()
@@ -189,21 +192,19 @@ class AutoModel(InferenceOnly):
         if shape is None or len(self.choices) >= RACED_SHAPES:
             frequent = Counter(self.choices.values()).most_common(1)
             return self.candidates[frequent[0][0] if frequent else next(iter(self.candidates))](x)
-        times, output = {}, None
-        for name, candidate in self.candidates.items():
-            start = time.perf_counter()
-            output = candidate(x)  # a bad input fails here, in the first candidate, with its own error
-            warmup = time.perf_counter() - start
-            rounds = []
-            for _ in range(1 if warmup > 1 else 3):
+        for candidate in self.candidates.values():
+            candidate(x)  # a bad input fails here, in the first candidate, with its own error
+        times: dict[str, float] = {}
+        outputs: dict[str, Tensor | list[Tensor]] = {}
+        for _ in range(self.ROUNDS):
+            for name, candidate in self.candidates.items():
                 start = time.perf_counter()
-                output = candidate(x)
-                rounds.append(time.perf_counter() - start)
-            times[name] = min(rounds)
+                outputs[name] = candidate(x)
+                times[name] = min(times.get(name, float("inf")), time.perf_counter() - start)
         self.choices[shape] = min(times, key=times.get)
         logger.info("backend='auto' for input %s: %s (%s)", tuple(x.shape), self.choices[shape],
                     ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in times.items()))
-        return self.candidates[self.choices[shape]](x) if self.choices[shape] != name else output
+        return outputs[self.choices[shape]]
 
     def extra_repr(self) -> str:
         return f"choices={self.choices}"

@@ -54,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     paths, problems = find_images(args.paths) if args.paths else (sample_photos(), [])
     try:
         device = pick_device(args.device)
-        model = load_model(args.model, args.weights, device, dtype=args.dtype)
-    except (ValueError, FileNotFoundError, CheckpointError) as e:
+        model = load_model(args.model, args.weights, device, dtype=args.dtype, backend=args.backend)
+    except (ValueError, FileNotFoundError, CheckpointError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     classes, wnids = model.pretrained_cfg["classes"], model.pretrained_cfg["wnids"]

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return evaluate(args)
-    except (ValueError, FileNotFoundError, ImageError, CheckpointError) as e:
+    except (ValueError, FileNotFoundError, ImageError, CheckpointError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
@@ -99,7 +99,7 @@ def evaluate(args: argparse.Namespace) -> int:
             dist.barrier()  # rank 0 downloads the checkpoint first; the others then read it from the cache
         try:
             model = load_model(args.model, args.weights, device, num_classes=args.num_classes or 1000,
-                                   dtype=args.dtype)
+                               dtype=args.dtype, backend=args.backend)
         finally:
             if world > 1 and rank == 0:
                 dist.barrier()  # also when loading failed: the others then fail with the same error, not hang
@@ -138,7 +138,7 @@ def report(args: argparse.Namespace, counts: list[int], seconds: float, world: i
     top1, top5, images = counts
     result = {"model": args.model, "weights": args.weights, "dataset": str(args.root), "images": images,
               "images_per_second": round(images / seconds, 1), "processes": world, "workers": args.workers,
-              "dtype": args.dtype}
+              "dtype": args.dtype, "backend": args.backend}
     if not args.data_only:
         result.update(top1=100 * top1 / images, top5=100 * top5 / images, top1_correct=top1, top5_correct=top5)
     if args.json:

@@ -11,7 +11,9 @@ Two costs of the plain module, measured on ResNet-50 (see the README's performan
 """
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -43,16 +45,16 @@ def can_fuse(model: nn.Module) -> bool:
 class FusedResNet(nn.Module):
     """``model`` (BatchNorm folded) computed with packed weights and fused ReLU and additions."""
 
-    def __init__(self, model: ResNet):
+    def __init__(self, model: ResNet, fuse_pointwise: bool = True):
         super().__init__()
-        self.model = model
+        self.model, self.fuse_pointwise = model, fuse_pointwise  # False only to measure what fusing gains
         self._packed: OrderedDict[tuple[int, ...], dict[nn.Conv2d, Tensor]] = OrderedDict()
 
     def forward(self, x: Tensor) -> Tensor | list[Tensor]:
         m = self.model
         check_input(x, m.conv1.weight)
-        packed = self._packed_for(tuple(x.shape))
-        x = _conv(m.conv1, x, packed, "relu")
+        conv = functools.partial(_conv, packed=self._packed_for(tuple(x.shape)), fuse=self.fuse_pointwise)
+        x = conv(m.conv1, x, "relu")
         wanted = m.out_indices if isinstance(m, ResNetFeatures) else None
         features = [x] if wanted and 0 in wanted else []
         x = m.maxpool(x)
@@ -60,7 +62,7 @@ class FusedResNet(nn.Module):
             if not hasattr(m, name):
                 break
             for block in getattr(m, name):
-                x = _block(block, x, packed)
+                x = _block(block, x, conv)
             if wanted and i in wanted:
                 features.append(x)
         if wanted:
@@ -77,21 +79,25 @@ class FusedResNet(nn.Module):
         return self._packed[shape]
 
 
-def _block(block: BasicBlock | Bottleneck, x: Tensor, packed: dict) -> Tensor:
-    identity = x if block.downsample is None else _conv(block.downsample[0], x, packed)
-    out = _conv(block.conv1, x, packed, "relu")
+def _block(block: BasicBlock | Bottleneck, x: Tensor, conv: Callable[..., Tensor]) -> Tensor:
+    identity = x if block.downsample is None else conv(block.downsample[0], x)
+    out = conv(block.conv1, x, "relu")
     if isinstance(block, Bottleneck):
-        out = _conv(block.conv2, out, packed, "relu")
-    last = block.conv3 if isinstance(block, Bottleneck) else block.conv2
-    return _conv(last, out, packed, "relu", add=identity)
+        out = conv(block.conv2, out, "relu")
+    return conv(block.conv3 if isinstance(block, Bottleneck) else block.conv2, out, "relu", add=identity)
 
 
-def _conv(conv: nn.Conv2d, x: Tensor, packed: dict, unary: str = "none", add: Tensor | None = None) -> Tensor:
+def _conv(conv: nn.Conv2d, x: Tensor, unary: str = "none", add: Tensor | None = None, *,
+          packed: dict[nn.Conv2d, Tensor], fuse: bool) -> Tensor:
     """relu(conv(x) + add) in one oneDNN call, with the weight packed for this input shape."""
     args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
     weight = packed.get(conv)
     if weight is None:
         weight = packed[conv] = _mkldnn._reorder_convolution_weight(conv.weight, *args, list(x.shape))
+    if not fuse:
+        out = _mkldnn._convolution_pointwise(x, weight, conv.bias, *args, "none", [], "")
+        out = out if add is None else out.add_(add)
+        return out if unary == "none" else out.relu_()
     if add is None:
         return _mkldnn._convolution_pointwise(x, weight, conv.bias, *args, unary, [], "")
     return _mkldnn._convolution_pointwise.binary(x, add, weight, conv.bias, *args, "add", 1.0, unary, [], "")

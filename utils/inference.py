@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from .images import ImageError
-from .optimize import optimize_for_inference
+from .optimize import BACKENDS, optimize_for_inference
 
 try:  # imported through hubconf.py's private package name
     from ..models import WEIGHTS, create_model
@@ -35,6 +35,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, batch_size: int) -> Non
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32",
                         help="precision to run the model in: bfloat16 is about twice as fast on CPUs and GPUs "
                              "that have it (default float32)")
+    parser.add_argument("--backend", choices=BACKENDS, default="torch",
+                        help="what runs the model: torch, onnxruntime or openvino (CPU, optional installs), or auto "
+                             "for the fastest of those installed, timed on the first batch (default torch)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
@@ -65,10 +68,10 @@ def pick_device(name: str) -> torch.device:
 
 
 def load_model(entry: str, weights: str | None, device: torch.device, num_classes: int = 1000,
-               dtype: str = "float32") -> nn.Module:
-    """The model on ``device``, optimised for inference (BatchNorm folded, channels_last, ``dtype``)."""
+               dtype: str = "float32", backend: str = "torch") -> nn.Module:
+    """The model on ``device``, optimised for inference by ``backend`` in ``dtype``."""
     model = create_model(entry, weights=weights, num_classes=num_classes, progress=True)
-    return optimize_for_inference(model.to(device), dtype=DTYPES[dtype])
+    return optimize_for_inference(model.to(device), backend=backend, dtype=DTYPES[dtype])
 
 
 class ImageFiles(Dataset):
