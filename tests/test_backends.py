@@ -1,5 +1,6 @@
 """optimize_for_inference(backend=...): ONNX Runtime, OpenVINO and "auto" keep the model's interface."""
 import sys
+import time
 
 import pytest
 import torch
@@ -99,6 +100,36 @@ def test_auto_runs_each_shape_on_the_fastest_candidate(classifier):
         assert relative_error(fast(x), expected) < 1e-4
         assert relative_error(fast(x), expected) < 1e-4  # the second call goes straight to the winner
     assert set(fast.choices) == {(1, 224, 224), (3, 33, 50)} and set(fast.choices.values()) <= set(fast.candidates)
+
+
+class Slowed(torch.nn.Module):
+    def __init__(self, model, seconds):
+        super().__init__()
+        self.model, self.seconds = model, seconds
+
+    def forward(self, x):
+        time.sleep(self.seconds)
+        return self.model(x)
+
+
+def test_auto_picks_the_fastest_candidate_per_shape_and_keeps_the_choice(classifier):
+    fast = optimize_for_inference(classifier)
+    calls = []
+    slow = Slowed(fast, 0.05)
+    slow.register_forward_pre_hook(lambda *_: calls.append("slow"))
+    auto = backends.AutoModel({"slow": slow, "fast": fast})
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = classifier(x)
+    assert relative_error(auto(x), expected) < 1e-4 and auto.choices == {(2, 64, 64): "fast"}
+    raced = len(calls)
+    assert 1 + 3 <= raced <= 1 + 8  # warm-up, then three to eight rounds
+    for _ in range(3):
+        assert relative_error(auto(x), expected) < 1e-4
+    assert len(calls) == raced  # the slow candidate is not called again for this shape
+    with pytest.raises(ValueError, match="add the batch dimension"):
+        auto(x[0])  # a bad input gets the candidates' own error
+    assert auto.choices == {(2, 64, 64): "fast"}
 
 
 def test_auto_in_bfloat16_leaves_out_what_cannot_compute_it(classifier, monkeypatch):

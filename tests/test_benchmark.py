@@ -80,7 +80,7 @@ def test_markdown_and_csv(capsys):
     (["--batch-sizes", "0"], "argument --batch-sizes: must be at least 1, got 0"),
     (["--dtype", "int8"], "--dtype: invalid choice: 'int8'"),
     (["--json", "--csv"], "not allowed with argument"),
-    (["--plot", "/no/such/folder/plot.png"], "--plot /no/such/folder/plot.png: the folder /no/such/folder does not exist"),
+    (["--plot", "/no/such/dir/plot.png"], "--plot /no/such/dir/plot.png: the folder /no/such/dir does not exist"),
     (["--plot", "plot.jpeg"], "--plot plot.jpeg: the name must end in .png, .svg or .pdf"),
 ])
 def test_bad_arguments(capsys, args, message):

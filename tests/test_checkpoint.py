@@ -52,7 +52,8 @@ def test_weights_are_assigned_not_copied_and_nothing_is_left_on_meta(server, res
 
 
 @pytest.mark.parametrize("progress", [True, False])
-def test_progress_bar_on_and_off(server, resnet18_checkpoint, capfd, progress):
+def test_progress_bar_on_and_off(server, resnet18_checkpoint, capfd, progress, monkeypatch):
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)  # a user's setting would hide the bar whatever progress says
     create_model("resnet18_ssl", weights=server.serve(resnet18_checkpoint), progress=progress)
     err = capfd.readouterr().err
     assert f'Downloading: "{server.url}{resnet18_checkpoint.name}"' in err

@@ -202,6 +202,8 @@ def test_bad_models_and_inputs():
     fast = optimize_for_inference(trained_like("resnet18_ssl"))
     with pytest.raises(TypeError, match=r"float tensor .*got dtype torch.uint8.*model.preprocess"):
         fast(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"add the batch dimension with x\[None\]"):
+        fast(torch.zeros(3, 64, 64))  # the model's own message, not a memory-format error
 
 
 def test_fold_batchnorm_alone_shares_the_untouched_tensors():

@@ -172,12 +172,14 @@ class AutoModel(InferenceOnly):
     """Runs each input shape on the fastest of several equivalent models, timed on its first call.
 
     The first batch of each shape (N, H, W) runs through every candidate once to warm it up, then
-    three more times, round-robin so that the machine's ups and downs fall on all alike; the fastest
-    single run decides. Later batches of that shape go straight to the winner; ``choices`` shows
-    which won where.
+    again round-robin, so that the machine's ups and downs fall on all alike: at least three rounds,
+    and up to eight while the best run of the leader is not 3% ahead of the runner-up's (closer than
+    that, either choice is as good). Later batches of that shape go straight to the winner;
+    ``choices`` shows which won where.
     """
 
-    ROUNDS = 3
+    ROUNDS = (3, 8)  # fewest, most
+    MARGIN = 0.03
 
     def __init__(self, candidates: dict[str, nn.Module]):
         super().__init__()
@@ -186,6 +188,8 @@ class AutoModel(InferenceOnly):
         self.train(False)
 
     def forward(self, x: Tensor) -> Tensor | list[Tensor]:
+        if len(self.candidates) == 1:  # nothing to choose from: no runtime is installed
+            return next(iter(self.candidates.values()))(x)
         shape = (x.shape[0], *x.shape[2:]) if isinstance(x, Tensor) and x.dim() == 4 else None
         if shape in self.choices:
             return self.candidates[self.choices[shape]](x)
@@ -196,11 +200,14 @@ class AutoModel(InferenceOnly):
             candidate(x)  # a bad input fails here, in the first candidate, with its own error
         times: dict[str, float] = {}
         outputs: dict[str, Tensor | list[Tensor]] = {}
-        for _ in range(self.ROUNDS):
+        for round_ in range(1, self.ROUNDS[1] + 1):
             for name, candidate in self.candidates.items():
                 start = time.perf_counter()
                 outputs[name] = candidate(x)
                 times[name] = min(times.get(name, float("inf")), time.perf_counter() - start)
+            best, *others = sorted(times.values())
+            if round_ >= self.ROUNDS[0] and (not others or others[0] >= best * (1 + self.MARGIN)):
+                break
         self.choices[shape] = min(times, key=times.get)
         logger.info("backend='auto' for input %s: %s (%s)", tuple(x.shape), self.choices[shape],
                     ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in times.items()))

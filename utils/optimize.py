@@ -117,8 +117,10 @@ class InferenceModel(backends.InferenceOnly):
             raise TypeError("expected a float tensor of preprocessed images (N, 3, H, W), got "
                             + (f"dtype {x.dtype}" if isinstance(x, Tensor) else type(x).__name__)
                             + ": use model.preprocess(image) to make one")
+        # Not 4-D: passed on as it is, for the model's own error message (add the batch dimension...).
+        x = x.to(dtype=self.dtype, memory_format=self.memory_format) if x.dim() == 4 else x.to(self.dtype)
         with torch.no_grad():
-            out = self.model(x.to(dtype=self.dtype, memory_format=self.memory_format))
+            out = self.model(x)
         return out.float() if isinstance(out, Tensor) else [o.float() for o in out]
 
     def extra_repr(self) -> str:
