@@ -1,6 +1,7 @@
 """Classify images with one of the twelve models.
 
     python -m utils.classify [PATH ...] [--model ENTRY] [--weights FILE_OR_URL] [--topk 5] [--json]
+    python -m utils.classify [PATH ...] --weights OUT/best.pth --classes OUT/classes.txt   # fine-tuned
 
 PATHs are image files, directories (searched recursively) or glob patterns; with none, the bundled
 sample photos are classified. A file that cannot be read is reported with its reason and the others
@@ -44,21 +45,42 @@ def find_images(patterns: list[str]) -> tuple[list[Path], list[tuple[str, str]]]
     return list(dict.fromkeys(found)), problems  # each file once, in first-named order
 
 
+def read_classes(path: Path) -> list[str]:
+    """Class names, one per line, in the model's output order."""
+    try:
+        names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except OSError as e:
+        raise FileNotFoundError(f"--classes {path}: {e.strerror}") from e
+    if len(names) < 2:
+        raise ValueError(f"--classes {path}: expected one class name per line, at least two, found {len(names)}")
+    return names
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m utils.classify", description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="*", metavar="PATH", help="image files, directories or glob patterns")
     parser.add_argument("--topk", type=positive, default=5, help="how many classes to show (default 5)")
+    parser.add_argument("--classes", type=Path, metavar="FILE",
+                        help="a fine-tuned model's class names, one per line, with --weights (python -m "
+                             "utils.finetune writes OUT/classes.txt)")
     add_model_arguments(parser, batch_size=16)
     args = parser.parse_args(argv)
+    if args.classes is not None and args.weights is None:
+        parser.error("--classes: give the fine-tuned model's --weights too")
 
     paths, problems = find_images(args.paths) if args.paths else (sample_photos(), [])
     try:
+        own = read_classes(args.classes) if args.classes is not None else None
         device = pick_device(args.device)
-        model = load_model(args.model, args.weights, device, dtype=args.dtype, backend=args.backend)
+        model = load_model(args.model, args.weights, device, num_classes=len(own) if own else 1000, dtype=args.dtype,
+                           backend=args.backend)
+        if own and model.pretrained_cfg["head"] != "pretrained":
+            raise ValueError(f"--weights {args.weights} has no trained {len(own)}-class head for --classes "
+                             f"{args.classes}: give the best.pth of the same fine-tuning run")
     except (ValueError, FileNotFoundError, CheckpointError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    classes, wnids = model.pretrained_cfg["classes"], model.pretrained_cfg["wnids"]
+    classes, wnids = own or model.pretrained_cfg["classes"], None if own else model.pretrained_cfg["wnids"]
     topk = min(args.topk, len(classes))
 
     def report(path, error=None, probabilities=None, indices=None):
@@ -67,13 +89,15 @@ def main(argv: list[str] | None = None) -> int:
             if args.json:
                 bar.write(json.dumps({"path": str(path), "model": args.model, "error": error}), file=sys.stdout)
             return
-        labels, ids = [classes[i] for i in indices], [wnids[i] for i in indices]
+        labels = [classes[i] for i in indices]
+        ids = [wnids[i] for i in indices] if wnids else None
         if args.json:
-            line = json.dumps({"path": str(path), "model": args.model, "labels": labels, "wnids": ids,
-                               "probabilities": [round(p, 6) for p in probabilities]})
+            row = {"path": str(path), "model": args.model, "labels": labels, "wnids": ids,
+                   "probabilities": [round(p, 6) for p in probabilities]}
+            line = json.dumps({k: v for k, v in row.items() if v is not None})
         else:
-            line = "\n".join([str(path)] + [f"  {p:7.2%}  {label} ({wnid})"
-                                            for p, label, wnid in zip(probabilities, labels, ids)])
+            line = "\n".join([str(path)] + [f"  {p:7.2%}  {label}" + (f" ({ids[j]})" if ids else "")
+                                            for j, (p, label) in enumerate(zip(probabilities, labels))])
         bar.write(line, file=sys.stdout)
 
     dataset = ImageFiles(paths, model.preprocess, strict=False)
