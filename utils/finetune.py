@@ -183,9 +183,6 @@ def start(device_name: str) -> Context:
 
 
 def build_model(args: argparse.Namespace, num_classes: int, device: torch.device) -> nn.Module:
-    if args.img_size < MIN_SIZE:
-        raise FinetuneError(f"--img-size {args.img_size} is below the network's minimum of {MIN_SIZE} pixels "
-                            "(it reduces images 32 times)")
     model = create_model(args.model, weights=args.weights, num_classes=num_classes)
     if model.pretrained_cfg["head"] != "new":
         model.fc.reset_parameters()  # a file with a head of this size: start the head afresh all the same
@@ -204,7 +201,7 @@ def make_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Op
         part = "head" if name.startswith("fc.") else "backbone"
         decay = p.dim() > 1
         groups.setdefault((part, decay), []).append(p)
-    params = [{"params": ps, "lr": args.lr if part == "head" else args.backbone_lr,
+    params = [{"params": ps, "lr": args.lr if part == "head" else args.backbone_lr, "name": part,
                "weight_decay": args.weight_decay if decay else 0.0} for (part, decay), ps in groups.items()]
     if args.optimizer == "adamw":
         return torch.optim.AdamW(params)
@@ -222,13 +219,12 @@ def make_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_ste
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def train_epoch(model, loader, optimizer, schedule, loss_fn, scaler, amp, ctx, epoch, epochs) -> tuple[float, int]:
+def train_epoch(model, loader, optimizer, schedule, loss_fn, scaler, amp, ctx, epoch, args) -> tuple[float, int]:
     model.train()
-    if getattr(model, "module", model).fc.weight.requires_grad and not any(
-            p.requires_grad for n, p in getattr(model, "module", model).named_parameters() if not n.startswith("fc.")):
-        model.apply(lambda m: m.eval() if isinstance(m, nn.BatchNorm2d) else None)  # linear probe: statistics fixed
+    if args.freeze_backbone:  # a linear probe: the backbone's BatchNorm statistics stay as pretrained
+        model.apply(lambda m: m.eval() if isinstance(m, nn.modules.batchnorm._BatchNorm) else None)
     total = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # loss sum, images
-    bar = tqdm(loader, desc=f"epoch {epoch}/{epochs}", unit="batch", disable=not ctx.main or None, file=sys.stderr,
+    bar = tqdm(loader, desc=f"epoch {epoch}/{args.epochs}", unit="batch", disable=not ctx.main or None, file=sys.stderr,
                leave=False)
     for images, labels in bar:
         images = images.to(ctx.device, non_blocking=True, memory_format=torch.channels_last)
@@ -269,6 +265,10 @@ def validate(model, samples, preprocess, args, ctx, num_classes: int) -> tuple[f
         dist.all_reduce(counts)
     top1, top5, n = counts.tolist()
     return 100 * top1 / n, (100 * top5 / n if num_classes >= 5 else None)
+
+
+def head_lr(optimizer: torch.optim.Optimizer) -> float:
+    return next(g["lr"] for g in optimizer.param_groups if g["name"] == "head")
 
 
 def save_atomically(obj, path: Path) -> None:
@@ -341,6 +341,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
     args = parser.parse_args(argv)
     if args.workers < 0:
         parser.error(f"--workers: must be 0 or more, got {args.workers}")
+    if args.img_size < MIN_SIZE:
+        parser.error(f"--img-size {args.img_size} is below the network's minimum of {MIN_SIZE} pixels "
+                     "(it reduces images 32 times)")
     if not 0 < args.val_fraction < 1:
         parser.error(f"--val-fraction: must be between 0 and 1, got {args.val_fraction}")
     for name in ("lr", "backbone_lr", "weight_decay", "label_smoothing", "warmup_epochs"):
@@ -379,6 +382,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if len(classes) < 2:
         raise FinetuneError(f"TRAIN_DIR {args.train} has a single class folder ({classes[0]}): a classifier needs "
                             "at least two classes")
+    if state is not None and state["classes"] != classes:
+        raise FinetuneError(f"--resume {args.resume} was trained on the classes {state['classes'][:5]}..., "
+                            f"TRAIN_DIR has {classes[:5]}...: resume with the same TRAIN_DIR")
     if args.val is not None:
         val_classes, val = class_folders(args.val, "--val")
         if val_classes != classes:
@@ -387,11 +393,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         train = samples
     else:
         train, val = split(samples, args.val_fraction, args.seed)
-    if state is not None and state["classes"] != classes:
-        raise FinetuneError(f"--resume {args.resume} was trained on the classes {state['classes'][:5]}..., "
-                            f"TRAIN_DIR has {classes[:5]}...: resume with the same TRAIN_DIR")
     ctx = start(args.device)
-    if len(train) < args.batch_size * ctx.world:
+    steps = len(train) // ctx.world // args.batch_size  # per epoch: each process drops its last partial batch
+    if steps == 0:
         raise FinetuneError(f"TRAIN_DIR has {len(train)} training images, fewer than one batch ({args.batch_size} "
                             f"x {ctx.world} process(es)): lower --batch-size")
     check_readable(train + val)
@@ -403,12 +407,12 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         amp = AMP[args.dtype]
         check_native(amp, ctx.device)
 
+    torch.manual_seed(args.seed)  # the new head's initial weights
     model = build_model(args, len(classes), ctx.device)
     cfg = model.pretrained_cfg
     train_transform = RandomResizedCropFlip(args.img_size, cfg["mean"], cfg["std"])
     val_transform = Preprocess(round(args.img_size / cfg["crop_pct"]), args.img_size, cfg["mean"], cfg["std"])
     optimizer = make_optimizer(args, model)
-    steps = len(train) // (args.batch_size * ctx.world)
     schedule = make_schedule(optimizer, round(args.warmup_epochs * steps), args.epochs * steps)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp == torch.float16)
     net = nn.parallel.DistributedDataParallel(model) if ctx.world > 1 else model
@@ -443,15 +447,14 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                             pin_memory=ctx.device.type == "cuda",
                             generator=torch.Generator().manual_seed(args.seed * 1_000_003 + epoch))
         start_time = time.perf_counter()
-        train_loss, seen = train_epoch(net, loader, optimizer, schedule, loss_fn, scaler, amp, ctx, epoch,
-                                       args.epochs)
+        train_loss, seen = train_epoch(net, loader, optimizer, schedule, loss_fn, scaler, amp, ctx, epoch, args)
         seconds = time.perf_counter() - start_time
         top1, top5 = validate(model, val, val_transform, args, ctx, len(classes))
         if not ctx.main:
             continue
         record = {"epoch": epoch, "train_loss": round(train_loss, 6), "val_top1": round(top1, 4),
                   **({"val_top5": round(top5, 4)} if top5 is not None else {}),
-                  "lr": optimizer.param_groups[0]["lr"], "images_per_second": round(seen / seconds, 2),
+                  "lr": head_lr(optimizer), "images_per_second": round(seen / seconds, 2),
                   "processes": ctx.world}
         if top1 > best:
             best = top1
