@@ -183,6 +183,11 @@ def test_bad_input_is_explained(tmp_path, pretrained, capsys):
 
 def test_resume_with_other_classes_or_model_is_refused(trained, data, pretrained, tmp_path, capsys):
     train, _ = data
+    before = (trained / "last.pth").read_bytes()
+    assert finetune_main(train, "--output", trained, "--weights", pretrained, *RECIPE) == 2  # a new run over it
+    assert "already holds a run: --resume" in capsys.readouterr().err and (trained / "last.pth").read_bytes() == before
+    assert finetune_main(train, "--output", trained / "last.pth", *RECIPE) == 2
+    assert "is a file: give a folder" in capsys.readouterr().err
     other = make_images(tmp_path / "other", 6, seed=3)
     (other / "grass").rename(other / "moss")
     status = finetune_main(other, "--output", tmp_path / "o", "--resume", trained / "last.pth", "--device", "cpu")

@@ -377,6 +377,11 @@ def resume(parser, args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.output.exists() and not args.output.is_dir():
+        raise FinetuneError(f"--output {args.output} is a file: give a folder (it is created if missing)")
+    if not args.resume and (args.output / "last.pth").exists():
+        raise FinetuneError(f"--output {args.output} already holds a run: --resume {args.output / 'last.pth'} "
+                            "continues it; choose another --output for a new one")
     state = resume(parser, args) if args.resume else None
     classes, samples = class_folders(args.train, "TRAIN_DIR")
     if len(classes) < 2:
