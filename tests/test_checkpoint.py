@@ -3,6 +3,8 @@ import dataclasses
 import logging
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ import torch
 from models import WEIGHTS, create_model
 from utils.checkpoint import CheckpointError, hash_prefix
 
-from .conftest import random_state_dict, save_legacy, sha256
+from .conftest import REPO, random_state_dict, save_legacy, sha256
 
 X = torch.randn(2, 3, 64, 64)
 
@@ -52,12 +54,17 @@ def test_weights_are_assigned_not_copied_and_nothing_is_left_on_meta(server, res
 
 
 @pytest.mark.parametrize("progress", [True, False])
-def test_progress_bar_on_and_off(server, resnet18_checkpoint, capfd, progress, monkeypatch):
-    monkeypatch.delenv("TQDM_DISABLE", raising=False)  # a user's setting would hide the bar whatever progress says
-    create_model("resnet18_ssl", weights=server.serve(resnet18_checkpoint), progress=progress)
-    err = capfd.readouterr().err
-    assert f'Downloading: "{server.url}{resnet18_checkpoint.name}"' in err
-    assert ("100" in err and "%" in err) is progress
+def test_progress_bar_on_and_off(server, resnet18_checkpoint, torch_home, progress):
+    # In a fresh process without TQDM_DISABLE: tqdm reads it once, when imported, and a user's
+    # setting would hide the bar whatever progress says.
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"} | {"TORCH_HOME": str(torch_home)}
+    url = server.serve(resnet18_checkpoint)
+    code = f"from models import create_model; create_model('resnet18_ssl', weights={url!r}, progress={progress})"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert f'Downloading: "{url}"' in result.stderr
+    assert ("100" in result.stderr and "%" in result.stderr) is progress
 
 
 def test_hash_mismatch_names_url_expected_and_actual_and_caches_nothing(server, resnet18_checkpoint, torch_home):
