@@ -151,6 +151,14 @@ def test_bad_arguments(classifier, kwargs, error, match):
         optimize_for_inference(classifier, **kwargs)
 
 
+def test_a_model_converted_to_another_dtype_is_refused_not_changed(classifier):
+    half = trained_like("resnet18_ssl").to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"exports the model from float32, but its weights are torch.bfloat16: "
+                                         r"use model.float\(\)"):
+        optimize_for_inference(half, backend="openvino")
+    assert all(t.dtype == torch.bfloat16 for t in half.state_dict().values() if t.is_floating_point())
+
+
 def test_onnxruntime_in_bfloat16_is_refused_before_exporting(classifier, monkeypatch):
     monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"amx_bf16"}))
     with pytest.raises(ValueError, match="onnxruntime.* float32 on the CPU: use dtype=None, or backend='openvino'"):

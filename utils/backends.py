@@ -71,7 +71,7 @@ def _exported(model: nn.Module) -> _Exported:
         from .optimize import fold_batchnorm  # a folded copy: fewer nodes to export, the model untouched
 
         start = time.perf_counter()
-        program = onnx_program(fold_batchnorm(model).float())
+        program = onnx_program(fold_batchnorm(model))
         cached = _Exported(fingerprint, program.model_proto.SerializeToString())
         _EXPORTS[model] = cached
         logger.info("exported %s to ONNX in %.1f s", type(model).__name__, time.perf_counter() - start)
@@ -123,11 +123,23 @@ def peer_runner(model: nn.Module, backend: str, dtype: torch.dtype) -> Callable[
         raise ValueError("backend='onnxruntime' runs these models in float32 on the CPU: use dtype=None, or "
                          "backend='openvino' or 'torch' for a lower precision")
     check_native(dtype, torch.device("cpu"))
+    stored = {t.dtype for t in model.state_dict().values() if t.is_floating_point()}
+    if stored != {torch.float32}:
+        raise ValueError(f"backend={backend!r} exports the model from float32, but its weights are "
+                         f"{', '.join(sorted(map(str, stored)))}: use model.float(), and dtype= for the precision")
     exported = _exported(model)
     key = (backend, dtype, torch.get_num_threads())
     if key not in exported.runners:
         exported.runners[key] = RUNNERS[backend](exported.onnx, dtype, torch.get_num_threads())
     return exported.runners[key]
+
+
+def check_float(x) -> None:
+    """The optimised models take any float tensor: name the remedy for anything else."""
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise TypeError("expected a float tensor of preprocessed images (N, 3, H, W), got "
+                        + (f"dtype {x.dtype}" if isinstance(x, Tensor) else type(x).__name__)
+                        + ": use model.preprocess(image) to make one")
 
 
 class InferenceOnly(nn.Module):
@@ -153,10 +165,7 @@ class PeerModel(InferenceOnly):
         self.train(False)
 
     def forward(self, x: Tensor) -> Tensor | list[Tensor]:
-        if not isinstance(x, Tensor) or not x.is_floating_point():
-            raise TypeError("expected a float tensor of preprocessed images (N, 3, H, W), got "
-                            + (f"dtype {x.dtype}" if isinstance(x, Tensor) else type(x).__name__)
-                            + ": use model.preprocess(image) to make one")
+        check_float(x)
         if x.device.type != "cpu":
             raise TypeError(f"backend={self.backend!r} runs on the CPU, but the input is on {x.device}: use x.cpu()")
         x = x.detach().to(torch.float32)

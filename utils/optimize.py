@@ -113,10 +113,7 @@ class InferenceModel(backends.InferenceOnly):
         self.train(False)
 
     def forward(self, x: Tensor) -> Tensor | list[Tensor]:
-        if not isinstance(x, Tensor) or not x.is_floating_point():
-            raise TypeError("expected a float tensor of preprocessed images (N, 3, H, W), got "
-                            + (f"dtype {x.dtype}" if isinstance(x, Tensor) else type(x).__name__)
-                            + ": use model.preprocess(image) to make one")
+        backends.check_float(x)
         # Not 4-D: passed on as it is, for the model's own error message (add the batch dimension...).
         x = x.to(dtype=self.dtype, memory_format=self.memory_format) if x.dim() == 4 else x.to(self.dtype)
         with torch.no_grad():
