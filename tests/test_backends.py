@@ -74,10 +74,18 @@ def test_the_export_is_made_once_per_model_and_weights(classifier, exports):
         assert relative_error(fast(x), model(x)) < 1e-4
 
 
+HEADLESS = {"pooled": {"num_classes": 0}, "maps": {"features_only": True, "out_indices": (0, 2, 4)}}
+
+
+@pytest.fixture(scope="module", params=list(HEADLESS))
+def headless(request):
+    """A pooled-feature model and a backbone, each exported once for both runtimes."""
+    return HEADLESS[request.param], trained_like("resnet18_ssl", **HEADLESS[request.param])
+
+
 @pytest.mark.parametrize("backend", PEERS)
-@pytest.mark.parametrize("kwargs", [{"num_classes": 0}, {"features_only": True, "out_indices": (0, 2, 4)}])
-def test_pooled_features_and_feature_maps(backend, kwargs):
-    model = trained_like("resnet18_ssl", **kwargs)
+def test_pooled_features_and_feature_maps(backend, headless):
+    kwargs, model = headless
     x = torch.randn(2, 3, 96, 64)
     with torch.no_grad():
         expected = model(x)
