@@ -21,6 +21,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -304,6 +305,12 @@ def plot(metrics: list[dict], path: Path) -> bool:
     return True
 
 
+def last_line(error: Exception) -> str:
+    """The error itself: a DataLoader worker's error arrives with the worker's traceback in its message."""
+    lines = str(error).strip().splitlines() or [""]
+    return re.sub(r"^[\w.]*ImageError: ", "", lines[-1])
+
+
 def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     parser = argparse.ArgumentParser(prog="python -m utils.finetune", description=__doc__.split("\n\n")[0],
                                      epilog="The entries: " + ", ".join(WEIGHTS))
@@ -490,9 +497,13 @@ def main(argv: list[str] | None = None) -> int:
     parser, args = parse_args(argv)
     try:
         return run(args, parser)
-    except (FinetuneError, ValueError, FileNotFoundError, CheckpointError, ImageError) as e:
+    except ImageError as e:  # damage that the check before training cannot see, e.g. a truncated JPEG
+        print(f"error: {last_line(e)}; the run stops: remove or replace the image, then --resume "
+              f"{args.output / 'last.pth'} (if an epoch has finished) or start again", file=sys.stderr)
+        return 1
+    except (FinetuneError, ValueError, FileNotFoundError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, (FinetuneError, CheckpointError, FileNotFoundError)) else 1
+        return 2
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
