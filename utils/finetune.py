@@ -445,16 +445,16 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         metrics_path.write_text("".join(json.dumps(m) + "\n" for m in metrics))
 
     loss_fn = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    dataset = Images(train, train_transform)
     last = min(args.epochs, args.stop_after or args.epochs)
     for epoch in range(first, last + 1):
         # Every epoch's randomness follows from --seed and the epoch alone, so a resumed run repeats it exactly.
         torch.manual_seed(args.seed * 1_000_003 + epoch)
-        sampler = (torch.utils.data.DistributedSampler(Images(train, train_transform), ctx.world, ctx.rank,
-                                                       shuffle=True, seed=args.seed, drop_last=True)
-                   if ctx.world > 1 else None)
+        sampler = (torch.utils.data.DistributedSampler(dataset, ctx.world, ctx.rank, shuffle=True, seed=args.seed,
+                                                       drop_last=True) if ctx.world > 1 else None)
         if sampler is not None:
             sampler.set_epoch(epoch)
-        loader = DataLoader(Images(train, train_transform), batch_size=args.batch_size, sampler=sampler,
+        loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
                             shuffle=sampler is None, drop_last=True, num_workers=args.workers,
                             pin_memory=ctx.device.type == "cuda",
                             generator=torch.Generator().manual_seed(args.seed * 1_000_003 + epoch))
