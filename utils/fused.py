@@ -33,11 +33,13 @@ def can_fuse(model: nn.Module) -> bool:
     if type(model) not in (ResNet, ResNetFeatures) or not torch.backends.mkldnn.is_available():
         return False
     blocks = [b for b in model.modules() if isinstance(b, (BasicBlock, Bottleneck))]
+    if not all(b.downsample is None or (isinstance(b.downsample, nn.Sequential) and len(b.downsample) == 2)
+               for b in blocks):
+        return False
     norms = [model.bn1] + [getattr(b, f"bn{i}") for b in blocks for i in (1, 2, 3) if hasattr(b, f"bn{i}")]
     norms += [b.downsample[1] for b in blocks if b.downsample is not None]
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     return (all(isinstance(n, nn.Identity) for n in norms)
-            and all(b.downsample is None or len(b.downsample) == 2 for b in blocks)
             and all(c.weight.device.type == "cpu" and c.weight.dtype == torch.float32 and c.bias is not None
                     and c.padding_mode == "zeros" and not isinstance(c.padding, str) for c in convs))
 

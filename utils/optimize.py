@@ -3,7 +3,10 @@
 A ResNet in eval mode spends almost all its time in convolutions. Folding each BatchNorm into the
 convolution before it removes a pass over every activation, and channels_last lets oneDNN (CPU) and
 cuDNN (GPU) run their fastest kernels; bfloat16 doubles the arithmetic rate where the hardware has
-it. The result takes and returns float32, so it drops into code written for the eager model.
+it. On the CPU in float32 the convolutions also keep their weights packed and absorb the ReLUs and
+residual additions (utils/fused.py); ``backend=`` hands the model to ONNX Runtime or OpenVINO instead,
+or to whichever is fastest (utils/backends.py). The result takes and returns float32, so it drops into
+code written for the eager model.
 """
 from __future__ import annotations
 
