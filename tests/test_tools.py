@@ -48,6 +48,7 @@ def test_classify_json_matches_the_model(model_and_weights, capsys, tmp_path):
 @pytest.mark.parametrize("backend", ["onnxruntime", "auto"])
 def test_classify_with_another_backend_gives_the_same_answer(model_and_weights, capsys, backend):
     model, weights = model_and_weights
+    # No --device: "auto" is the CPU for the runtimes, also where there is a GPU.
     status, rows, _ = run_classify(capsys, str(SAMPLES), "--weights", weights, "--json", "--backend", backend)
     assert status == 0 and len(rows) == 2
     for row in rows:
@@ -219,3 +220,12 @@ def test_torchrun_fails_cleanly_when_the_weights_are_missing(tmp_path, val_dir):
                            "--weights", str(tmp_path / "missing.pth")], cwd=REPO, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode != 0 and done.stderr.count("missing.pth': no such file") == 2
+
+
+def test_device_auto_is_the_cpu_for_the_cpu_runtimes_even_with_a_gpu(monkeypatch):
+    from utils.inference import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a machine with a GPU
+    assert pick_device("auto") == torch.device("cuda")
+    assert pick_device("auto", "auto") == torch.device("cuda")  # "auto" on a GPU is the torch backend
+    assert pick_device("auto", "onnxruntime") == pick_device("auto", "openvino") == torch.device("cpu")

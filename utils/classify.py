@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     paths, problems = find_images(args.paths) if args.paths else (sample_photos(), [])
     try:
         own = read_classes(args.classes) if args.classes is not None else None
-        device = pick_device(args.device)
+        device = pick_device(args.device, args.backend)
         model = load_model(args.model, args.weights, device, num_classes=len(own) if own else 1000, dtype=args.dtype,
                            backend=args.backend)
         if own and model.pretrained_cfg["head"] != "pretrained":

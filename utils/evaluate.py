@@ -84,7 +84,7 @@ def evaluate(args: argparse.Namespace) -> int:
     if args.num_classes and not args.weights:
         raise ValueError("--num-classes needs --weights: the published weights classify the 1000 ImageNet classes")
     samples = evenly(image_folder(args.root, args.num_classes), args.limit)
-    device = pick_device(args.device)
+    device = pick_device(args.device, args.backend)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:  # started by torchrun: one process per device
         if device.type == "cuda":

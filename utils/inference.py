@@ -58,9 +58,11 @@ def wordnet_ids() -> list[str]:
     return [wnid for wnid, _ in imagenet1k_classes()]
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, backend: str = "torch") -> torch.device:
+    """``--device``; "auto" is CUDA where there is one, except for the runtimes that run on the CPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        cpu_only = backend in ("onnxruntime", "openvino")
+        return torch.device("cuda" if torch.cuda.is_available() and not cpu_only else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available here; use --device cpu")
