@@ -8,7 +8,7 @@ import torch
 from PIL import Image, ImageOps
 
 from models import create_model
-from utils.images import ImageError, open_rgb, read
+from utils.images import ImageError, open_rgb, read, to_rgb
 
 SAMPLES = Path(__file__).resolve().parents[1] / "utils" / "samples"
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
@@ -99,7 +99,31 @@ def test_16_bit_png_is_scaled_not_clipped(tmp_path):
     path = save(Image.fromarray(values), tmp_path / "deep.png")
     assert Image.open(path).mode.startswith("I")
     grey = np.asarray(read(path))[:, :, 0]
-    np.testing.assert_array_equal(grey, np.clip(np.rint(values / 256), 0, 255).astype(np.uint8))
+    np.testing.assert_array_equal(grey, np.rint(values / 257).astype(np.uint8))  # 65535 -> 255, as 8 bits
+
+
+def test_16_bit_grey_follows_a_fixed_rule_not_the_images_own_range(tmp_path):
+    flat = np.full((40, 40), 200 * 257, np.uint16)  # grey 200 in 16 bits
+    spiked = flat.copy()
+    spiked[0, 0] = 65535
+    dim = np.full((40, 40), 200, np.uint16)  # a nearly black 16-bit image stays nearly black
+    grey = [np.asarray(read(save(Image.fromarray(a), tmp_path / f"{i}.png")))[5, 5] for i, a in
+            enumerate((flat, spiked, dim))]
+    assert [tuple(g) for g in grey] == [(200, 200, 200), (200, 200, 200), (1, 1, 1)]
+
+
+def test_16_bit_conversion_needs_little_more_memory_than_the_8_bit_image(tmp_path):
+    import tracemalloc
+    values = np.random.default_rng(0).integers(0, 65536, (1000, 1500), dtype=np.uint16)
+    image = Image.open(save(Image.fromarray(values), tmp_path / "big.png"))
+    image.load()
+    tracemalloc.start()
+    try:
+        to_rgb(image)
+        _, peak = tracemalloc.get_traced_memory()  # NumPy's allocations; PIL's own are its 8-bit output
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * values.size, f"{peak / values.size:.1f} bytes per pixel"  # a float64 copy alone takes 8
 
 
 def test_cmyk_jpeg(tmp_path):

@@ -53,7 +53,7 @@ def read(path: str | os.PathLike) -> Image.Image:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """``image`` in RGB: 16/32-bit and float scaled to 8 bits, transparency composited onto white."""
+    """``image`` in RGB: 16/32-bit and float converted to 8 bits, transparency composited onto white."""
     if image.mode.startswith(("I", "F")):
         image = _to_8bit(image)
     if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
@@ -67,14 +67,18 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:
-    """A 16-bit, 32-bit or float grey image as 8-bit "L", keeping its range sensible."""
-    values = np.asarray(image, dtype=np.float64)
-    top = float(values.max()) if values.size else 0.0
-    if image.mode == "F" and top <= 1.0:
-        values = values * 255  # floats in [0, 1]
-    elif top > 255:
-        values = values / 256  # 16-bit samples
-    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))
+    """A 16-bit, 32-bit or float grey image as 8-bit "L" by a fixed rule, never by the image's own range:
+    integers are 16-bit samples (divided by 257, so 65535 is 255), floats are in [0, 1]."""
+    if image.mode == "F":
+        return image.point(lambda v: v * 255 + 0.5).convert("L")  # convert() truncates and clips to 0..255
+    width, height = image.size
+    out = np.empty((height, width), np.uint8)
+    rows = max(1, (1 << 16) // max(1, width))  # a strip at a time: memory stays near the 8-bit image's
+    for top in range(0, height, rows):
+        strip = np.asarray(image.crop((0, top, width, min(height, top + rows))), dtype=np.int64)
+        np.clip(strip, 0, 65535, out=strip)  # I;16 is uint16 already; I may hold any int32
+        out[top:top + rows] = (strip + 128) // 257  # v / 257, rounded
+    return Image.fromarray(out)
 
 
 def _from_array(array: np.ndarray, what: str) -> Image.Image:
