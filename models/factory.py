@@ -47,7 +47,7 @@ def create_model(entry: str, *, pretrained: bool = True, progress: bool = True,
     origin = None
     if pretrained:  # fetch first, so that a failed download costs no model construction
         path, origin = _checkpoint(weight_set, weights, progress)
-        state_dict = checkpoint.load_state_dict(path)
+        state_dict = checkpoint.load_state_dict(path, origin)
 
     # Weights that the checkpoint overwrites are never initialised: on the meta device they are not
     # even allocated, and load_into then assigns the checkpoint's tensors in their place.
@@ -119,11 +119,7 @@ def _checkpoint(weight_set: WeightSet, weights: str | os.PathLike | None, progre
             raise ValueError(f"weights={weights!r}: only http://, https:// and file:// URLs are supported")
         return checkpoint.fetch(weights, progress=progress), weights
     path = Path(weights).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"weights={weights!r}: no such file")
-    if expected := checkpoint.hash_prefix(path.name):
-        checkpoint.verify(path, expected, str(path))
-    return path, str(path)
+    return checkpoint.local_file(path, origin=f"weights={weights!r}"), str(path)
 
 
 def _arch_kwargs(weight_set: WeightSet, kwargs: dict) -> dict:

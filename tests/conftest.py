@@ -5,17 +5,19 @@ format, as the published files are, and served from 127.0.0.1.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import http.server
 import shutil
 import threading
+import urllib.parse
 from pathlib import Path
 
 import pytest
 import torch
 
-from models import create_model
+from models import WEIGHTS, create_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,25 +63,45 @@ def resnet18_checkpoint(tmp_path_factory) -> Path:
     return save_legacy(random_state_dict("resnet18_ssl"), tmp_path_factory.mktemp("checkpoints"), "resnet18")
 
 
+@pytest.fixture
+def cached_resnet18(resnet18_checkpoint, torch_home, monkeypatch) -> Path:
+    """The generated checkpoint in the cache as the registry's resnet18_ssl file: the registry entry
+    is pointed at its name, since a generated file cannot have the published hash."""
+    name = f"semi_supervised_resnet18-{resnet18_checkpoint.name.rsplit('-', 1)[1]}"
+    monkeypatch.setitem(WEIGHTS, "resnet18_ssl", dataclasses.replace(WEIGHTS["resnet18_ssl"], file_name=name))
+    cache = torch_home / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    path = cache / name
+    path.write_bytes(resnet18_checkpoint.read_bytes())
+    return path
+
+
 class Server:
     """A static file server on 127.0.0.1 that counts the requests it answers."""
 
     def __init__(self, root: Path):
-        self.root, self.requests = root, []
+        self.root, self.requests, self.names = root, [], {}
         server = self
 
         class Handler(http.server.SimpleHTTPRequestHandler):
             def log_message(self, *args):
                 server.requests.append(self.path)
 
+            def translate_path(self, path):  # any URL name, also one longer than a file name may be
+                return str(server.names.get(urllib.parse.unquote(path), super().translate_path(path)))
+
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=root))
         self.url = f"http://127.0.0.1:{self.httpd.server_port}/"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
     def serve(self, path: Path, name: str | None = None) -> str:
-        """Put ``path`` on the server (as ``name``) and return its URL."""
-        shutil.copyfile(path, self.root / (name or path.name))
-        return self.url + (name or path.name)
+        """Put a copy of ``path`` on the server (as ``name``) and return its URL."""
+        name = name or path.name
+        fits = "/" not in name and len(name.encode()) < 250  # else stored under another name
+        copy = self.root / (name if fits else f"{len(self.names)}-{path.name}")
+        shutil.copyfile(path, copy)
+        self.names["/" + name] = copy
+        return self.url + name
 
     def close(self) -> None:
         self.httpd.shutdown()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from models import WEIGHTS, create_model
-from utils.checkpoint import CheckpointError, hash_prefix
+from utils.checkpoint import RECORDS, CheckpointError, hash_prefix
 
 from .conftest import REPO, random_state_dict, save_legacy, sha256
 
@@ -26,7 +26,7 @@ def reference(checkpoint_path, entry="resnet18_ssl", **kwargs):
 
 def cached(torch_home):
     directory = torch_home / "hub" / "checkpoints"
-    return sorted(p.name for p in directory.iterdir()) if directory.exists() else []
+    return sorted(p.name for p in directory.iterdir() if p.name != RECORDS) if directory.exists() else []
 
 
 def test_download_into_torch_home_verified_then_offline(server, resnet18_checkpoint, torch_home):
@@ -82,9 +82,9 @@ def test_http_404_is_a_clear_error_and_caches_nothing(server, torch_home):
     assert cached(torch_home) == []
 
 
-def test_weights_file_url(resnet18_checkpoint, torch_home):
+def test_weights_file_url_is_read_in_place_not_copied_into_the_cache(resnet18_checkpoint, torch_home):
     model = create_model("resnet18_ssl", weights=resnet18_checkpoint.as_uri())
-    assert cached(torch_home) == [resnet18_checkpoint.name]
+    assert cached(torch_home) == []
     torch.testing.assert_close(model(X), reference(resnet18_checkpoint)(X), rtol=0, atol=0)
 
 
@@ -152,7 +152,8 @@ def test_damaged_cached_file_names_the_file_and_the_remedy(resnet18_checkpoint, 
     path = torch_home / "hub" / "checkpoints" / WEIGHTS["resnet18_ssl"].file_name
     path.parent.mkdir(parents=True)
     path.write_bytes(resnet18_checkpoint.read_bytes()[: 10_000_000])  # an interrupted copy
-    with pytest.raises(CheckpointError, match=f"could not read the checkpoint {path}.*delete it \\(rm '{path}'\\)"):
+    with pytest.raises(CheckpointError, match=f"the cached checkpoint {path} does not match its SHA-256 prefix "
+                       f"d92f0530 .*Remove it with python -m utils.checkpoints clear {path.name} and load again"):
         create_model("resnet18_ssl")
 
 
@@ -194,7 +195,7 @@ def test_mirror_variable_replaces_the_published_base_url(server, resnet18_checkp
     expected_source = (server.root / name).as_uri() if as_directory else server.url + name
     assert model.pretrained_cfg["source"] == expected_source
     assert model.pretrained_cfg["url"].startswith("https://dl.fbaipublicfiles.com/")  # the published address
-    assert cached(torch_home) == [name]
+    assert cached(torch_home) == ([] if as_directory else [name])  # a directory's file is read where it is
     torch.testing.assert_close(model(X), reference(resnet18_checkpoint)(X), rtol=0, atol=0)
 
 

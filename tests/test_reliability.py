@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 import http.server
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -21,7 +23,7 @@ import torch
 
 from models import WEIGHTS, create_model
 from utils import checkpoints
-from utils.checkpoint import CheckpointError
+from utils.checkpoint import RECORDS, CheckpointError
 
 from .conftest import REPO
 
@@ -29,7 +31,8 @@ from .conftest import REPO
 class FaultyServer:
     """GET /MODE/N/NAME serves the file NAME, but the first N requests of that path fail as MODE says:
     drop (half the body, then close), stall (headers, a little body, then silence), 404, 500, or
-    redirect (to /ok/0/NAME). MODE slow serves the file in paced 1 MiB pieces."""
+    redirect (to /ok/0/NAME). Whatever N, MODE slow serves the file in paced 1 MiB pieces, trickle
+    sends 1 KiB every 0.2 s, and pause sends 1 MiB, then nothing for a minute."""
 
     def __init__(self, root: Path):
         self.root, self.requests, self.counts = root, [], {}
@@ -44,7 +47,7 @@ class FaultyServer:
                 _, mode, failures, name = self.path.split("/", 3)
                 seen = server.counts[self.path] = server.counts.get(self.path, 0) + 1
                 body = (server.root / name).read_bytes()
-                if seen > int(failures) and mode != "slow":
+                if seen > int(failures) and mode not in ("slow", "trickle", "pause"):
                     mode = "ok"
                 if mode in ("404", "500"):
                     self.send_error(int(mode))
@@ -64,6 +67,16 @@ class FaultyServer:
                     self.wfile.write(body[:1000])
                     self.wfile.flush()
                     time.sleep(4)
+                    self.close_connection = True
+                elif mode == "trickle":
+                    for start in range(0, len(body), 1024):
+                        self.wfile.write(body[start:start + 1024])
+                        self.wfile.flush()
+                        time.sleep(0.2)
+                elif mode == "pause":
+                    self.wfile.write(body[:1 << 20])
+                    self.wfile.flush()
+                    time.sleep(60)
                     self.close_connection = True
                 elif mode == "slow":
                     for start in range(0, len(body), 1 << 20):
@@ -87,7 +100,7 @@ def faulty(resnet18_checkpoint):
 
 def cache_files(torch_home: Path) -> list[str]:
     directory = torch_home / "hub" / "checkpoints"
-    return sorted(p.name for p in directory.iterdir()) if directory.exists() else []
+    return sorted(p.name for p in directory.iterdir() if p.name != RECORDS) if directory.exists() else []
 
 
 @pytest.mark.parametrize("mode, message", [
@@ -116,10 +129,69 @@ def test_a_redirect_is_followed(faulty, resnet18_checkpoint, torch_home):
     assert cache_files(torch_home) == [resnet18_checkpoint.name]
 
 
-def test_a_bad_timeout_setting_is_named(faulty, resnet18_checkpoint, monkeypatch):
-    monkeypatch.setenv("SEMI_SUPERVISED_DOWNLOAD_TIMEOUT", "soon")
-    with pytest.raises(ValueError, match="SEMI_SUPERVISED_DOWNLOAD_TIMEOUT='soon': expected a number of seconds"):
+@pytest.mark.parametrize("variable, value, expected", [
+    ("SEMI_SUPERVISED_DOWNLOAD_TIMEOUT", "soon", "a number of seconds from above 0 to 86400"),
+    ("SEMI_SUPERVISED_DOWNLOAD_TIMEOUT", "inf", "a number of seconds from above 0 to 86400"),
+    ("SEMI_SUPERVISED_DOWNLOAD_TIMEOUT", "nan", "a number of seconds"),
+    ("SEMI_SUPERVISED_DOWNLOAD_TIMEOUT", "0", "a number of seconds"),
+    ("SEMI_SUPERVISED_DOWNLOAD_MIN_RATE", "-1", "a rate in kB/s from 0 to 86400"),
+    ("SEMI_SUPERVISED_DOWNLOAD_MIN_RATE", "fast", "a rate in kB/s"),
+])
+def test_a_bad_download_setting_is_named(faulty, resnet18_checkpoint, monkeypatch, variable, value, expected):
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValueError, match=re.escape(f"{variable}={value!r}: expected {expected}")):
         create_model("resnet18_ssl", weights=f"{faulty.url}/ok/0/{resnet18_checkpoint.name}")
+
+
+def test_a_trickling_server_fails_in_bounded_time_naming_the_rate_and_the_variable(
+        faulty, resnet18_checkpoint, torch_home, monkeypatch):
+    # 1 KiB every 0.2 s never leaves the socket silent for the 1 s timeout, and would take hours.
+    monkeypatch.setenv("SEMI_SUPERVISED_DOWNLOAD_TIMEOUT", "1")
+    monkeypatch.delenv("SEMI_SUPERVISED_DOWNLOAD_MIN_RATE", raising=False)
+    url = f"{faulty.url}/trickle/0/{resnet18_checkpoint.name}"
+    start = time.monotonic()
+    with pytest.raises(CheckpointError, match=re.escape(f"could not download {url}: the server sent ")
+                       + r"[\d.]+ kB/s over the last 1 s, under the minimum of 32 kB/s \(set "
+                       r"SEMI_SUPERVISED_DOWNLOAD_MIN_RATE to accept slower downloads"):
+        create_model("resnet18_ssl", weights=url, progress=False)
+    assert time.monotonic() - start < 5
+    assert cache_files(torch_home) == []
+
+
+def wait_for(condition, seconds: float = 60):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("signal_, then", [(signal.SIGKILL, "load"), (signal.SIGTERM, "clear")])
+def test_a_killed_download_leaves_nothing_behind_and_a_live_one_is_left_alone(
+        faulty, resnet18_checkpoint, torch_home, monkeypatch, capsys, signal_, then):
+    name = resnet18_checkpoint.name
+    monkeypatch.setitem(WEIGHTS, "resnet18_ssl", dataclasses.replace(WEIGHTS["resnet18_ssl"], file_name=name))
+    cache = torch_home / "hub" / "checkpoints"
+    script = f"from models import create_model; create_model('resnet18_ssl', weights='{faulty.url}/pause/0/{name}')"
+    env = {**os.environ, "TORCH_HOME": str(torch_home), "SEMI_SUPERVISED_DOWNLOAD_TIMEOUT": "120"}
+    loader = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=env, stderr=subprocess.DEVNULL)
+    try:
+        partials = lambda: list(cache.glob(f".{name}.*.partial"))  # noqa: E731
+        wait_for(lambda: partials() and partials()[0].stat().st_size >= 1 << 20)
+        # While it downloads, the cache command sees it as such and removes nothing of it.
+        assert checkpoints.main(["list"]) == 0 and "(downloading)" in capsys.readouterr().out
+        assert checkpoints.main(["clear"]) == 0 and f"left alone: {name}" in capsys.readouterr().out
+        assert len(partials()) == 1 and (cache / f".{name}.lock").exists()
+    finally:
+        loader.send_signal(signal_)
+        loader.wait(timeout=60)
+    assert cache_files(torch_home) == sorted([partials()[0].name, f".{name}.lock"])  # what the kill left
+    assert checkpoints.main(["list"]) == 0 and "(left over)" in capsys.readouterr().out
+    if then == "load":  # the next download, holding the lock, knows the partial file is stale
+        create_model("resnet18_ssl", weights=f"{faulty.url}/ok/0/{name}", progress=False)
+        assert cache_files(torch_home) == [name]
+    else:
+        assert checkpoints.main(["clear"]) == 0
+        assert cache_files(torch_home) == []
 
 
 def test_processes_loading_the_same_missing_checkpoint_share_one_download(faulty, resnet18_checkpoint, torch_home):
@@ -143,15 +215,12 @@ def refused_url() -> str:
     return f"http://127.0.0.1:{port}/"
 
 
-def test_offline_a_cached_checkpoint_loads_without_any_connection(resnet18_checkpoint, torch_home, monkeypatch):
-    cache = torch_home / "hub" / "checkpoints"
-    cache.mkdir(parents=True)
-    (cache / WEIGHTS["resnet18_ssl"].file_name).write_bytes(resnet18_checkpoint.read_bytes())
+def test_offline_a_cached_checkpoint_loads_without_any_connection(cached_resnet18, monkeypatch):
     monkeypatch.setenv("SEMI_SUPERVISED_WEIGHTS_MIRROR", refused_url())
     model = create_model("resnet18_ssl")
     assert model.pretrained_cfg["head"] == "pretrained"
     # And without the file, the same mirror fails at once, naming the remedy: so the load above made no connection.
-    (cache / WEIGHTS["resnet18_ssl"].file_name).unlink()
+    cached_resnet18.unlink()
     with pytest.raises(CheckpointError, match="Connection refused.*SEMI_SUPERVISED_WEIGHTS_MIRROR"):
         create_model("resnet18_ssl", progress=False)
 
@@ -217,19 +286,6 @@ def test_a_users_own_utils_and_models_modules_stay_theirs(tmp_path):
 
 
 # python -m utils.checkpoints
-
-
-@pytest.fixture
-def cached_resnet18(resnet18_checkpoint, torch_home, monkeypatch) -> Path:
-    """The generated checkpoint in the cache as the registry's resnet18_ssl file: the registry entry
-    is pointed at its name, since a generated file cannot have the published hash."""
-    name = f"semi_supervised_resnet18-{resnet18_checkpoint.name.rsplit('-', 1)[1]}"
-    monkeypatch.setitem(WEIGHTS, "resnet18_ssl", dataclasses.replace(WEIGHTS["resnet18_ssl"], file_name=name))
-    cache = torch_home / "hub" / "checkpoints"
-    cache.mkdir(parents=True)
-    path = cache / name
-    path.write_bytes(resnet18_checkpoint.read_bytes())
-    return path
 
 
 def test_checkpoints_list_verify_clear(cached_resnet18, capsys):

@@ -1,22 +1,29 @@
 """Fetch, verify and load checkpoints.
 
 Downloads land in torch.hub's cache (``torch.hub.get_dir()/checkpoints``, so ``TORCH_HOME`` is
-respected), only after their SHA-256 prefix checks out; utils/download.py adds the timeout and lets
-one process download for many. Loading is always ``weights_only``, and assigns the checkpoint's
-tensors to the model instead of copying them, so a model built on the meta device never holds its
-weights twice.
+respected), only whole, only if they look like a PyTorch checkpoint and only after their SHA-256
+prefix checks out; utils/download.py bounds the time and lets one process download for many. Local
+files (paths and ``file://`` URLs) are read where they are, never copied into the cache. A verified
+file's size, times and inode are recorded, so that it is hashed again, cheaply, only when it changes.
+
+Loading is always ``weights_only``. Files in the cache, which are only ever replaced whole, are
+memory-mapped; a user's file is read into memory, so that the model never depends on it afterwards.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
 import pickle
 import re
+import shlex
 import sys
 import uuid
 import zipfile
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +33,13 @@ from . import download
 URL_SCHEMES = ("http", "https", "file")
 # "name-0123abcd.pth": the hex digits are the start of the file's SHA-256 (torch.hub's convention).
 HASH_SUFFIX = re.compile(r"-([0-9a-f]{8,64})\.[^./-]+$")
+CACHE_COMMAND = "python -m utils.checkpoints"
+NAME_LIMIT = 200  # bytes; ".<name>.<uuid>.partial" must stay within the usual 255
+RECORDS = ".verified.json"  # in the cache directory: {path: {"stat": [...], "sha256": ...}}
+# The first bytes of the two formats torch.save writes: a zip archive, or (before 1.6, and the
+# published files) a pickle that starts with torch's magic number.
+ZIP_MAGIC = b"PK\x03\x04"
+LEGACY_MAGIC = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)
 
 
 class CheckpointError(RuntimeError):
@@ -34,12 +48,36 @@ class CheckpointError(RuntimeError):
 
 def hash_prefix(name: str) -> str | None:
     """The SHA-256 prefix that a file name or URL carries, if any."""
-    match = HASH_SUFFIX.search(urlparse(name).path if "://" in name else name)
+    match = HASH_SUFFIX.search(urlsplit(name).path if "://" in name else name)
     return match.group(1) if match else None
 
 
 def cache_dir() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def in_cache(path: Path) -> bool:
+    return path.resolve().parent == cache_dir().resolve()
+
+
+def clear_command(path: Path) -> str:
+    """The command that removes a cached file, quoted for the shell."""
+    return f"{CACHE_COMMAND} clear {shlex.quote(path.name)}"
+
+
+def cache_name(url: str, content_addressed: bool) -> str:
+    """The name of ``url``'s file in the cache. A file whose name carries its hash (the published
+    ones; torch.hub's convention) keeps its name, and so is shared with torch.hub. Any other gets a
+    digest of its URL, so that two URLs ending in the same name never share an entry."""
+    name = os.path.basename(urlsplit(url).path)
+    if content_addressed and len(name.encode()) <= NAME_LIMIT:
+        return name
+    stem, suffix = os.path.splitext(name)
+    suffix = suffix if len(suffix) <= 16 else ""
+    digest = hashlib.sha256(url.encode()).hexdigest()[:12]
+    room = NAME_LIMIT - len(digest) - len(suffix.encode()) - 1
+    stem = stem.encode()[:room].decode(errors="ignore")
+    return f"{stem}.{digest}{suffix}"
 
 
 def sha256(path: Path) -> str:
@@ -51,83 +89,243 @@ def sha256(path: Path) -> str:
 
 
 def verify(path: Path, expected: str, origin: str) -> None:
+    """Check that ``path``'s SHA-256 starts with ``expected``; a file unchanged since it last
+    verified (same size, times and inode) is not read again."""
+    record = _read_records().get(str(path.resolve()))
+    if record and record.get("stat") == _signature(path) and str(record.get("sha256", "")).startswith(expected):
+        return
+    _record(path, _check_hash(path, expected, origin, cached=in_cache(path)))
+
+
+def _check_hash(path: Path, expected: str, origin: str, cached: bool) -> str:
     actual = sha256(path)
-    if not actual.startswith(expected):
+    if actual.startswith(expected):
+        return actual
+    if cached:
         raise CheckpointError(
-            f"SHA-256 mismatch for {origin}: expected a hash starting {expected}, got {actual[:len(expected)]}. "
-            "The file is corrupt or not the one its name promises: fetch it again from a source you trust, or, "
-            f"if -{expected} in its name is not a hash, rename the file.")
+            f"the cached checkpoint {path} does not match its SHA-256 prefix {expected} (it starts "
+            f"{actual[:len(expected)]}): it was damaged or replaced after it was downloaded. Remove it with "
+            f"{clear_command(path)} and load again to download it afresh")
+    raise CheckpointError(
+        f"SHA-256 mismatch for {origin}: expected a hash starting {expected}, got {actual[:len(expected)]}. "
+        "The file is corrupt or not the one its name promises: fetch it again from a source you trust, or, "
+        f"if -{expected} in its name is not a hash (file names ending in -HEX are checked against that hash "
+        "prefix), rename the file")
+
+
+def _signature(path: Path) -> list[int]:
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
+
+
+def _record(path: Path, digest: str) -> None:
+    records = _read_records()
+    records[str(path.resolve())] = {"stat": _signature(path), "sha256": digest}
+    _write_records(records)
+
+
+def _read_records() -> dict:
+    try:
+        records = json.loads((cache_dir() / RECORDS).read_text())
+        return records if isinstance(records, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_records(records: dict) -> None:
+    # Written whole and renamed into place. Two processes writing at once may lose one record:
+    # that costs one more hash, never a wrong answer.
+    records = {k: v for k, v in records.items() if os.path.exists(k)}
+    tmp = cache_dir() / f"{RECORDS}.{uuid.uuid4().hex}.tmp"
+    try:
+        cache_dir().mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(records))
+        os.replace(tmp, cache_dir() / RECORDS)
+    except OSError:  # a read-only cache: the file is hashed again next time
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
+
+def local_file(path: Path, *, expected_hash: str | None = None, origin: str | None = None) -> Path:
+    """``path``, checked to be a regular file, and against ``expected_hash`` (default: the prefix its name carries)."""
+    origin = origin or str(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{origin}: no such file")
+    if not path.is_file():
+        raise CheckpointError(f"{origin} is not a regular file: give the path of a checkpoint file")
+    if expected := expected_hash or hash_prefix(path.name):
+        verify(path, expected, origin)
+    return path
 
 
 def fetch(url: str, *, expected_hash: str | None = None, progress: bool = True, remedy: str = "") -> Path:
-    """The cached copy of ``url``, downloaded and verified first if it is not in the cache yet.
+    """The local file of ``url``: a ``file://`` URL's own file, else the cached copy, downloaded and
+    verified first if it is not in the cache yet.
 
     ``expected_hash`` defaults to the prefix the file name carries; with neither, nothing is checked.
-    A download that fails or does not verify leaves nothing in the cache. Processes that miss the
-    same file at once wait for the first one's download instead of repeating it.
+    A download that fails, is not a PyTorch checkpoint or does not verify leaves nothing in the cache.
+    Processes that miss the same file at once wait for the first one's download instead of repeating it.
     """
-    name = os.path.basename(urlparse(url).path)
+    parsed = urlsplit(url)
+    name = os.path.basename(parsed.path)
     if not name:
         raise ValueError(f"the URL {url} does not end in a file name")
-    path = cache_dir() / name
-    if path.exists():
-        return path  # no lock, no network: a cached file is complete, it was moved in whole
     expected_hash = expected_hash or hash_prefix(name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with download.exclusive(path.with_name(f".{name}.lock")):
+    if parsed.scheme == "file":
+        return local_file(Path(url2pathname(parsed.path)), expected_hash=expected_hash, origin=url)
+    path = cache_dir() / cache_name(url, content_addressed=expected_hash is not None)
+    if path.exists():  # no lock, no network: a cached file is complete, it was moved in whole
+        if expected_hash:
+            verify(path, expected_hash, url)
+        return path
+    _make_cache_dir()
+    with download.exclusive(path.with_name(f".{path.name}.lock")):
         if path.exists():
             return path  # another process downloaded it while this one waited
-        partial = path.with_name(f".{name}.{uuid.uuid4().hex}.partial")
+        # Holding the lock, this process is the only one writing this name: partial files left
+        # by a killed download are stale.
+        for stale in path.parent.glob(f".{_glob_escape(path.name)}.*.partial"):
+            stale.unlink(missing_ok=True)
+        partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
         sys.stderr.write(f'Downloading: "{url}" to {path}\n')
         try:
             download.download(url, partial, progress=progress)
-            if expected_hash:
-                verify(partial, expected_hash, url)
+            check_format(partial, url, received=True)
+            digest = _check_hash(partial, expected_hash, url, cached=False) if expected_hash else None
             os.replace(partial, path)  # atomic: readers see the whole verified file or none
         except OSError as e:
             raise CheckpointError(f"could not download {url}: {e}. Nothing was cached; try again, check the URL and "
                                   f"your connection{remedy}, or download the file yourself and pass "
-                                  "weights=<its path>.") from e
+                                  "weights=<its path>") from e
         finally:
             partial.unlink(missing_ok=True)
+        if digest:
+            _record(path, digest)  # under its final name: the next load does not hash it again
     return path
 
 
-def load_state_dict(path: Path) -> dict[str, Tensor]:
+def _make_cache_dir() -> None:
+    directory = cache_dir()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-test.{uuid.uuid4().hex}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise CheckpointError(
+            f"cannot write to the checkpoint cache {directory} ({e.strerror or e}): set TORCH_HOME to a writable "
+            "directory (the cache is $TORCH_HOME/hub/checkpoints), or pass weights=<the path of a file you "
+            "downloaded>") from e
+
+
+def _glob_escape(name: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+def check_format(path: Path, origin: str, received: bool = False) -> None:
+    """Raise CheckpointError unless ``path`` starts like a file that torch.save wrote."""
+    with open(path, "rb") as f:
+        head = f.read(max(len(ZIP_MAGIC), len(LEGACY_MAGIC), 512))
+    if head.startswith(ZIP_MAGIC) or head.startswith(LEGACY_MAGIC):
+        return
+    what = describe(head, path.stat().st_size)
+    hint = " (a login or error page in place of the file?). Nothing was cached; check the URL" if received else (
+        f". Remove it with {clear_command(path)}" if in_cache(path) else
+        ": give a file written by torch.save(model.state_dict(), ...)")
+    raise CheckpointError(f"{origin} is not a PyTorch checkpoint: it holds {what}{hint}")
+
+
+def describe(head: bytes, size: int) -> str:
+    """What the bytes that start a file of ``size`` bytes look like, for an error message."""
+    amount = f"{size / 1000:.1f} kB" if size >= 1000 else f"{size} bytes"
+    text = head.lstrip().lower()
+    if size == 0:
+        return "nothing (an empty file)"
+    if text.startswith((b"<!doctype html", b"<html")) or b"<html" in text[:512]:
+        return f"an HTML page of {amount}"
+    if text.startswith((b"{", b"[")):
+        return f"JSON or text of {amount}"
+    if head.startswith(b"\x80"):
+        return f"a Python pickle of {amount} that torch.save did not write"
+    if head.startswith(b"\x1f\x8b"):
+        return f"gzip-compressed data of {amount}"
+    try:
+        head.decode("utf-8")
+        return f"text of {amount}"
+    except UnicodeDecodeError:
+        return f"{amount} of data that is neither of torch.save's formats"
+
+
+def load_state_dict(path: Path, origin: str | None = None) -> dict[str, Tensor]:
     """The state dict in ``path``, legacy (pre-1.6) or zip format, loaded with ``weights_only=True``.
 
     Training checkpoints that keep it under "state_dict" or "model", and keys saved with a DataParallel
-    "module." prefix, are unwrapped.
+    "module." prefix, are unwrapped. Tensors must be dense, real and finite.
     """
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint file at {path}")
-    in_cache = path.parent == cache_dir()
+    origin = origin or str(path)
+    cached = in_cache(path)
+    check_format(path, origin)
+    loaded = path.stat()
     try:
-        # A zip-format file can be memory-mapped: its tensors are then read lazily, never copied.
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        # Only the cache's files are memory-mapped: they are replaced whole, never rewritten in place,
+        # whereas a user may save over their own file while the model is alive.
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=cached and zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         if "weights_only" in str(e) or "Weights only" in str(e):
+            removed = cached and _discard(path, loaded)
             raise CheckpointError(
-                f"refused to load {path}: it holds Python objects other than tensors, which could run code "
-                "when unpickled. Save and load only model.state_dict().") from e
-        raise CheckpointError(_unreadable(path, e, in_cache)) from e
+                f"refused to load {origin}: it holds Python objects other than tensors, which could run code "
+                "when unpickled" + ("; it was removed from the cache" if removed else "")
+                + ". Save and load only model.state_dict()") from e
+        raise CheckpointError(_unreadable(path, origin, e)) from e
     except Exception as e:
-        raise CheckpointError(_unreadable(path, e, in_cache)) from e
+        raise CheckpointError(_unreadable(path, origin, e)) from e
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
-    if not (isinstance(obj, dict) and obj and all(isinstance(v, Tensor) for v in obj.values())):
-        raise CheckpointError(f"{path} does not hold a state dict (a dict of tensors): save model.state_dict()")
+    if not (isinstance(obj, dict) and obj and all(isinstance(k, str) and isinstance(v, Tensor)
+                                                  for k, v in obj.items())):
+        raise CheckpointError(f"{origin} does not hold a state dict (a dict of tensors by parameter name): "
+                              "save model.state_dict()")
     if all(k.startswith("module.") for k in obj):
         obj = {k[len("module."):]: v for k, v in obj.items()}
+    odd = [f"{k} ({v.layout if v.layout != torch.strided else v.dtype})" for k, v in obj.items()
+           if v.layout != torch.strided or v.is_complex()]
+    if odd:
+        raise CheckpointError(f"{origin} holds tensors that are not dense real numbers: {_some(odd)}. "
+                              "Save model.state_dict() of a model in float32")
+    # sum() is a cheap first pass; isfinite() confirms, since a sum of large finite values may overflow.
+    bad = [k for k, v in obj.items() if v.is_floating_point() and not torch.isfinite(v.sum())
+           and not torch.isfinite(v).all()]
+    if bad:
+        remedy = (f"Remove it with {clear_command(path)} and load again" if cached
+                  else "The file is damaged, or the training that wrote it diverged")
+        raise CheckpointError(f"{origin} holds NaN or infinite values in {_some(bad)}. {remedy}")
     # Models are float32; a half-precision file is widened once here rather than on every forward.
     return {k: v.float() if v.is_floating_point() else v for k, v in obj.items()}
 
 
-def _unreadable(path: Path, error: Exception, in_cache: bool) -> str:
-    remedy = (f"The cached file is damaged: delete it (rm '{path}') and load again to download it afresh."
-              if in_cache else "Check that it is a complete file written by torch.save(model.state_dict(), ...).")
-    return f"could not read the checkpoint {path}: {type(error).__name__}: {error}. {remedy}"
+def _some(names: list[str], n: int = 8) -> str:
+    return f"{len(names)}: " * (len(names) > n) + ", ".join(names[:n]) + (", ..." if len(names) > n else "")
+
+
+def _discard(path: Path, loaded: os.stat_result) -> bool:
+    """Remove a cached file that must not be loaded, unless another process replaced it meanwhile."""
+    try:
+        with download.exclusive(path.with_name(f".{path.name}.lock")):
+            if not os.path.samestat(path.stat(), loaded):
+                return False
+            path.unlink()
+        return True
+    except OSError:
+        return False
+
+
+def _unreadable(path: Path, origin: str, error: Exception) -> str:
+    remedy = (f"The cached file is damaged: remove it with {clear_command(path)} and load again to download it "
+              "afresh" if in_cache(path) else
+              "Check that it is a complete file written by torch.save(model.state_dict(), ...)")
+    return f"could not read the checkpoint {origin}: {type(error).__name__}: {str(error).rstrip('.')}. {remedy}"
 
 
 def load_into(model: nn.Module, state_dict: dict[str, Tensor], *, origin: str, target: str,
@@ -136,23 +334,36 @@ def load_into(model: nn.Module, state_dict: dict[str, Tensor], *, origin: str, t
     its tensors rather than copying them.
 
     Keys starting with a prefix in ``skip`` are left out on both sides (a head the caller replaces,
-    stages a backbone does not keep). Anything else missing, unexpected or of the wrong shape is an error.
+    stages a backbone does not keep). Anything else missing, unexpected or of the wrong shape or type
+    is an error.
     """
-    expected = {k: v.shape for k, v in model.state_dict().items() if not k.startswith(skip)}
+    expected = {k: v for k, v in model.state_dict().items() if not k.startswith(skip)}
     # BatchNorm's step counter is not a weight, and frozen BatchNorm layers (norm_layer=...) have none.
     state_dict = {k: v for k, v in state_dict.items() if not k.startswith(skip)
                   and (k in expected or not k.endswith(".num_batches_tracked"))}
     missing = sorted(expected.keys() - state_dict.keys())
     unexpected = sorted(state_dict.keys() - expected.keys())
-    shapes = [f"{k}: {tuple(state_dict[k].shape)} in the file, {tuple(expected[k])} in the model"
-              for k in expected.keys() & state_dict.keys() if state_dict[k].shape != expected[k]]
-    if missing or unexpected or shapes:
+    common = expected.keys() & state_dict.keys()
+    shapes = sorted(f"{k}: {tuple(state_dict[k].shape)} in the file, {tuple(expected[k].shape)} in the model"
+                    for k in common if state_dict[k].shape != expected[k].shape)
+    types = sorted(f"{k}: {state_dict[k].dtype} in the file" for k in common
+                   if state_dict[k].is_floating_point() != expected[k].is_floating_point())
+    if missing or unexpected or shapes or types:
         problems = [f"{label} ({len(keys)}): {', '.join(keys[:8])}{', ...' if len(keys) > 8 else ''}"
                     for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
-                                        ("wrong shapes", sorted(shapes))) if keys]
-        raise CheckpointError(f"{origin} does not fit {target}: " + "; ".join(problems)
-                              + ". Use a checkpoint saved from the same architecture.")
+                                        ("wrong shapes", shapes), ("wrong types", types)) if keys]
+        raise CheckpointError(f"{origin} does not fit {target}: " + "; ".join(problems) + _fit_remedy(
+            missing, unexpected, shapes, types, state_dict))
     model.load_state_dict(state_dict, strict=False, assign=True)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta and not n.startswith(skip)]
     if left:
         raise CheckpointError(f"{origin} left {', '.join(left[:8])} uninitialised (not saved in a state dict)")
+
+
+def _fit_remedy(missing, unexpected, shapes, types, state_dict) -> str:
+    head_only = not (missing or unexpected or types) and all(s.startswith("fc.") for s in shapes)
+    if head_only and "fc.weight" in state_dict:
+        n = state_dict["fc.weight"].shape[0]
+        return (f". Only the classifier differs: the file has a {n}-class head, so pass num_classes={n} "
+                f"(--num-classes {n} on the command line)")
+    return ". Use a checkpoint saved from the same architecture"
