@@ -1,5 +1,6 @@
 """python -m utils.export: every architecture to TorchScript, torch.export and ONNX, checked against eager."""
 import re
+import shutil
 import subprocess
 import sys
 
@@ -70,4 +71,40 @@ def test_python_m_utils_export(resnet18_checkpoint, tmp_path):
     bad_suffix = run(str(tmp_path / "r18.tflite"), "--model", "resnet18_ssl")
     assert bad_suffix.returncode == 2 and "must end in .pt, .pt2, .onnx" in bad_suffix.stderr
     missing = run(str(tmp_path / "r18.pt"), "--model", "resnet18_ssl", "--weights", str(tmp_path / "none.pth"))
-    assert missing.returncode == 1 and "none.pth" in missing.stderr and not (tmp_path / "r18.pt").exists()
+    assert missing.returncode == 2 and "none.pth: no such file" in missing.stderr
+    assert not (tmp_path / "r18.pt").exists()
+
+
+def test_export_never_writes_over_its_weights_or_onto_a_directory(resnet18_checkpoint, tmp_path, capsys):
+    mine = tmp_path / "mine.pt"
+    shutil.copyfile(resnet18_checkpoint, mine)
+    for output, message in ((mine, "mine.pt is the --weights file: writing there would destroy it"),
+                            (tmp_path, "is a directory: give a file name ending in .pt, .pt2, .onnx")):
+        with pytest.raises(SystemExit) as exit_:
+            export.main([str(output), "--model", "resnet18_ssl", "--weights", str(mine)])
+        err = capsys.readouterr().err
+        last = err.strip().splitlines()[-1]  # argparse's form: usage, then one line
+        assert exit_.value.code == 2 and last.startswith("python -m utils.export: error: ") and message in last
+    assert mine.read_bytes() == resnet18_checkpoint.read_bytes()
+
+
+def test_a_failed_export_leaves_the_previous_file_as_it_was(tmp_path):
+    previous = tmp_path / "model.pt2"
+    previous.write_bytes(b"the previous export")
+    with pytest.raises(Exception):  # noqa: B017  (whatever the exporter raises)
+        export.export(torch.nn.Sequential(NotExportable()), previous)
+    assert previous.read_bytes() == b"the previous export" and sorted(tmp_path.iterdir()) == [previous]
+
+
+class NotExportable(torch.nn.Module):
+    def forward(self, x):
+        return torch.tensor(x.sum().item())  # data-dependent Python: torch.export refuses it
+
+
+def test_the_self_check_fails_on_outputs_that_are_not_finite(tmp_path):
+    model = trained_like("resnet18_ssl")
+    path = export.export(model, tmp_path / "model.pt")
+    with torch.no_grad():
+        model.fc.bias[0] = float("nan")
+    with pytest.raises(export.ExportError, match="the model's own outputs hold NaN or infinite values"):
+        export.check(model, path, torch.randn(2, 3, 64, 64))

@@ -1,5 +1,7 @@
 """python -m utils.classify and python -m utils.evaluate, checked against direct computation."""
+import importlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -85,9 +87,75 @@ def test_classify_text_output_and_default_samples(model_and_weights, capsys):
     assert all(label in block for label in labels) and "%" in block
 
 
-def test_classify_without_usable_weights_exits_2(capsys, tmp_path):
-    status, _, err = run_classify(capsys, "--weights", str(tmp_path / "none.pth"))
-    assert status == 2 and "error: weights=" in err and "no such file" in err
+def test_classify_with_weights_that_do_not_load_exits_2(capsys, tmp_path):
+    torch.save({"fc.weight": torch.zeros(3, 512)}, tmp_path / "partial.pth")
+    status, _, err = run_classify(capsys, "--weights", str(tmp_path / "partial.pth"))
+    assert status == 2 and err.startswith("error: ") and "does not fit resnet18_ssl" in err
+
+
+def test_classify_reports_a_named_pipe_without_blocking_and_classifies_the_rest(model_and_weights, capsys, tmp_path):
+    os.mkfifo(tmp_path / "pipe.jpg")
+    status, rows, err = run_classify(capsys, str(tmp_path / "pipe.jpg"), str(SAMPLES / "chelsea.png"),
+                                     "--weights", model_and_weights[1], "--json")
+    assert status == 1 and f"{tmp_path / 'pipe.jpg'}: not a regular file" in err
+    assert [len(r.get("labels", [])) for r in rows] == [0, 5]
+
+
+def test_classify_checks_its_inputs_before_loading_the_model(capsys, tmp_path):
+    # The weights named do not exist: had the model been loaded first, the error would be about them.
+    status, _, err = classify.main([str(tmp_path / "missing.png"), "--weights", "https://127.0.0.1:9/none.pth"]), \
+        *capsys.readouterr()
+    assert status == 1 and err.strip() == f"{tmp_path / 'missing.png'}: no such file or directory"
+
+
+def test_a_precision_this_cpu_only_emulates_is_refused_in_the_commands_terms(model_and_weights, capsys, monkeypatch):
+    from utils import hardware
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx2", "fma"}))  # a CPU without native bf16
+    for main, args in ((classify.main, []), (evaluate.main, [str(SAMPLES)])):
+        status = main([*args, "--weights", model_and_weights[1], "--device", "cpu", "--dtype", "bfloat16"])
+        err = capsys.readouterr().err
+        assert status == 2 and "use --dtype float32" in err and "dtype=" not in err, err
+
+
+COMMANDS = {  # each command with the arguments it requires
+    "classify": lambda tmp: [],
+    "evaluate": lambda tmp: [str(tmp)],
+    "export": lambda tmp: [str(tmp / "model.onnx")],
+    "benchmark": lambda tmp: [],
+    "finetune": lambda tmp: [str(tmp), "--output", str(tmp / "out")],
+}
+RUNNERS = ("classify", "evaluate", "benchmark", "finetune")  # the commands that take --device
+BAD_VALUES = [
+    (["--workers", "-3"], "argument --workers: must be 0 or more, got -3", ("classify", "evaluate", "finetune")),
+    (["--device", "tpu"], "argument --device: 'tpu' is not a device: use auto, cpu, cuda or cuda:N", RUNNERS),
+    (["--device", "cuda:-1"], "argument --device: 'cuda:-1' is not a device", RUNNERS),
+    (["--device", ""], "argument --device: '' is not a device", RUNNERS),
+    (["--device", "cuda:99"], "argument --device: cuda:99: ", RUNNERS),  # no GPU here, or fewer than 100
+    (["--batch-size", "99999999999999999999"], "argument --batch-size: must be at most 4096",
+     ("classify", "evaluate", "finetune")),
+    (["--batch-sizes", "99999999999999999999"], "argument --batch-sizes: must be at most 4096", ("benchmark",)),
+    (["--weights", "nowhere.pth"], "argument --weights: nowhere.pth: no such file",
+     ("classify", "evaluate", "export", "finetune")),
+    (["--weights", "ftp://host/w.pth"], "argument --weights: ftp://host/w.pth: only http://, https:// and file://",
+     ("classify", "evaluate", "export", "finetune")),
+]
+
+
+@pytest.mark.parametrize("command, args, message", [(c, a, m) for a, m, commands in BAD_VALUES for c in commands],
+                         ids=[f"{c} {' '.join(a)}" for a, _, commands in BAD_VALUES for c in commands])
+def test_bad_values_exit_2_with_argparses_one_line_error(command, args, message, capsys, tmp_path):
+    main = importlib.import_module(f"utils.{command}").main
+    with pytest.raises(SystemExit) as exit_:
+        main([*COMMANDS[command](tmp_path), *args])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_.value.code == 2 and last.startswith(f"python -m utils.{command}: error: {message}"), last
+
+
+def test_a_named_pipe_as_weights_is_refused_at_once(capsys, tmp_path):
+    os.mkfifo(tmp_path / "pipe.pth")
+    with pytest.raises(SystemExit) as exit_:
+        classify.main(["--weights", str(tmp_path / "pipe.pth")])
+    assert exit_.value.code == 2 and "pipe.pth: not a regular file" in capsys.readouterr().err
 
 
 def test_python_m_utils_classify(model_and_weights):
@@ -190,14 +258,20 @@ def test_evaluate_a_fine_tuned_model_of_its_own_classes(tmp_path, capsys):
     assert result["top5_correct"] == 4  # top-5 of 2 classes always holds the label
 
 
-def test_evaluate_fails_on_an_unreadable_image_naming_it(model_and_weights, val_dir, tmp_path, capsys):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_evaluate_fails_on_an_unreadable_image_naming_it_in_one_line(model_and_weights, val_dir, tmp_path, workers):
     _, weights = model_and_weights
     root = tmp_path / "val"
     shutil.copytree(val_dir, root)
     bad = next(root.iterdir()) / "broken.JPEG"
     bad.write_bytes(b"\xff\xd8 not really")
-    status, _, err = run_evaluate(capsys, str(root), "--weights", weights)
-    assert status == 2 and f"{bad}: not a readable image" in err
+    # In a fresh process: worker processes forked from this one, which has loaded other runtimes, are not safe.
+    done = subprocess.run([sys.executable, "-m", "utils.evaluate", str(root), "--model", "resnet18_ssl", "--weights",
+                           weights, "--workers", str(workers), "--device", "cpu"], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    [error] = [line for line in done.stderr.splitlines() if "error" in line.lower()]  # one line, besides progress
+    assert error.startswith(f"error: {bad}: not a readable image") and error.endswith("remove or replace it")
 
 
 def test_torchrun_two_processes_equal_one(model_and_weights, val_dir, tmp_path):

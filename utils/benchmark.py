@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from . import backends
 from .hardware import describe_cpu
-from .inference import DTYPES, pick_device, positive
+from .inference import DTYPES, batch_size_value, count, device_name, pick_device, positive
 from .optimize import optimize_for_inference
 
 try:  # imported through hubconf.py's private package name
@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m utils.benchmark", description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["resnet50_swsl"], metavar="ENTRY",
                         help="entries to measure, or all (default: resnet50_swsl)")
-    parser.add_argument("--batch-sizes", nargs="+", type=positive, default=[1, 16], metavar="N",
+    parser.add_argument("--batch-sizes", nargs="+", type=batch_size_value, default=[1, 16], metavar="N",
                         help="default: 1 (latency) and 16 (throughput)")
     parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=["float32"],
                         help="precisions of the optimised model (default float32)")
@@ -295,8 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true", help="also measure each optimised model torch.compiled")
     parser.add_argument("--peers", action="store_true",
                         help="also measure ONNX Runtime and OpenVINO (those installed) and backend='auto' (CPU)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
+    parser.add_argument("--device", type=device_name, default="auto",
+                        help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    parser.add_argument("--warmup", type=count, default=2, help="untimed rounds first (default 2)")
     parser.add_argument("--repeats", type=positive, default=7, help="timed rounds (default 7)")
     output = parser.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="one JSON object per row")
@@ -307,8 +308,6 @@ def main(argv: list[str] | None = None) -> int:
         entries = parse_models(args.models)
     except argparse.ArgumentTypeError as e:
         parser.error(f"--models: {e}")
-    if args.warmup < 0:
-        parser.error("--warmup: must be 0 or more")
 
     if args.plot:
         check_plot_path(parser, args.plot)

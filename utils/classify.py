@@ -20,7 +20,16 @@ from tqdm import tqdm
 
 from .checkpoint import CheckpointError
 from .images import IMAGE_SUFFIXES
-from .inference import ImageFiles, add_model_arguments, batches, load_model, pick_device, positive, sample_photos
+from .inference import (
+    ImageFiles,
+    add_model_arguments,
+    batches,
+    check_dtype,
+    load_model,
+    pick_device,
+    positive,
+    sample_photos,
+)
 
 
 def find_images(patterns: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
@@ -33,8 +42,10 @@ def find_images(patterns: list[str]) -> tuple[list[Path], list[tuple[str, str]]]
             found += files
             if not files:
                 problems.append((pattern, "no image files in this directory"))
-        elif path.exists():
+        elif path.is_file():
             found.append(path)  # any name: whether it is an image is for the decoder to say
+        elif path.exists():
+            problems.append((pattern, "not a regular file (a named pipe or a device?)"))
         elif glob.has_magic(pattern):
             files = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
             found += files
@@ -47,6 +58,8 @@ def find_images(patterns: list[str]) -> tuple[list[Path], list[tuple[str, str]]]
 
 def read_classes(path: Path) -> list[str]:
     """Class names, one per line, in the model's output order."""
+    if path.exists() and not path.is_file():
+        raise ValueError(f"--classes {path}: not a regular file")
     try:
         names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     except OSError as e:
@@ -68,10 +81,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.classes is not None and args.weights is None:
         parser.error("--classes: give the fine-tuned model's --weights too")
 
+    # Everything that can be checked is checked before the model loads (seconds, or a download).
     paths, problems = find_images(args.paths) if args.paths else (sample_photos(), [])
+    for pattern, reason in problems:
+        print(f"{pattern}: {reason}", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"path": pattern, "model": args.model, "error": f"{pattern}: {reason}"}))
+    if not paths:
+        return 1
     try:
         own = read_classes(args.classes) if args.classes is not None else None
         device = pick_device(args.device, args.backend)
+        check_dtype(args.dtype, device)
         model = load_model(args.model, args.weights, device, num_classes=len(own) if own else 1000, dtype=args.dtype,
                            backend=args.backend)
         if own and model.pretrained_cfg["head"] != "pretrained":
@@ -102,19 +123,17 @@ def main(argv: list[str] | None = None) -> int:
 
     dataset = ImageFiles(paths, model.preprocess, strict=False)
     failed = len(problems)
-    with tqdm(total=len(paths), unit="image", disable=len(paths) <= args.batch_size, file=sys.stderr) as bar:
-        for pattern, reason in problems:
-            report(pattern, f"{pattern}: {reason}")
-        with torch.inference_mode():
-            for indices, images, errors in batches(dataset, args.batch_size, args.workers, device):
-                top = model(images.to(device)).softmax(dim=1).topk(topk)
-                for row, (index, error) in enumerate(zip(indices.tolist(), errors)):
-                    if error:
-                        failed += 1
-                        report(paths[index], error)
-                    else:
-                        report(paths[index], probabilities=top.values[row].tolist(), indices=top.indices[row].tolist())
-                bar.update(len(errors))
+    progress = tqdm(total=len(paths), unit="image", disable=len(paths) <= args.batch_size, file=sys.stderr)
+    with progress as bar, torch.inference_mode():
+        for indices, images, errors in batches(dataset, args.batch_size, args.workers, device):
+            top = model(images.to(device)).softmax(dim=1).topk(topk)
+            for row, (index, error) in enumerate(zip(indices.tolist(), errors)):
+                if error:
+                    failed += 1
+                    report(paths[index], error)
+                else:
+                    report(paths[index], probabilities=top.values[row].tolist(), indices=top.indices[row].tolist())
+            bar.update(len(errors))
     return 1 if failed else 0
 
 

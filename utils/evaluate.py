@@ -24,7 +24,17 @@ from tqdm import tqdm
 
 from .checkpoint import CheckpointError
 from .images import IMAGE_SUFFIXES, ImageError
-from .inference import WEIGHTS, ImageFiles, add_model_arguments, batches, load_model, pick_device, positive, wordnet_ids
+from .inference import (
+    WEIGHTS,
+    ImageFiles,
+    add_model_arguments,
+    batches,
+    check_dtype,
+    load_model,
+    pick_device,
+    positive,
+    wordnet_ids,
+)
 from .preprocess import Preprocess
 
 
@@ -72,7 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return evaluate(args)
-    except (ValueError, FileNotFoundError, ImageError, CheckpointError, ImportError) as e:
+    except ImageError as e:
+        print(f"error: {e}; accuracy needs every image: remove or replace it",
+              file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError, CheckpointError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
@@ -83,8 +97,9 @@ def main(argv: list[str] | None = None) -> int:
 def evaluate(args: argparse.Namespace) -> int:
     if args.num_classes and not args.weights:
         raise ValueError("--num-classes needs --weights: the published weights classify the 1000 ImageNet classes")
-    samples = evenly(image_folder(args.root, args.num_classes), args.limit)
     device = pick_device(args.device, args.backend)
+    check_dtype(args.dtype, device)
+    samples = evenly(image_folder(args.root, args.num_classes), args.limit)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:  # started by torchrun: one process per device
         if device.type == "cuda":
@@ -109,14 +124,18 @@ def evaluate(args: argparse.Namespace) -> int:
 
     shard = samples[rank::world]
     labels = torch.tensor([label for _, label in shard])
-    loader = batches(ImageFiles([path for path, _ in shard], preprocess), args.batch_size, args.workers, device)
+    # Not strict: a worker's exception would come back as a multi-line traceback; the error alone is enough.
+    loader = batches(ImageFiles([path for path, _ in shard], preprocess, strict=False), args.batch_size,
+                     args.workers, device)
     counts = torch.zeros(3, dtype=torch.int64, device=device)  # top-1 hits, top-5 hits, images
     k = min(5, args.num_classes or 1000)
     start = time.perf_counter()
     progress = tqdm(total=len(shard), unit="image", disable=rank != 0, file=sys.stderr,
                     desc=f"process 0 of {world}" if world > 1 else None)
     with torch.inference_mode(), progress as bar:
-        for indices, images, _ in loader:
+        for indices, images, errors in loader:
+            if any(errors):
+                raise ImageError(next(e for e in errors if e))
             if model is not None:
                 target = labels[indices].to(device, non_blocking=True)
                 top = model(images.to(device, non_blocking=True)).topk(k, dim=1).indices

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import CheckpointError
-from .inference import positive, sample_photos
+from .inference import positive, sample_photos, weights_source
 
 try:  # imported through hubconf.py's private package name
     from ..models import WEIGHTS, create_model
@@ -41,18 +41,26 @@ def export(model: nn.Module, path: str | os.PathLike) -> Path:
     kind = FORMATS.get(path.suffix)
     if kind is None:
         raise ValueError(f"{path}: unknown format {path.suffix!r}; use one of {', '.join(FORMATS)}")
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory: give a file name ending in {', '.join(FORMATS)}")
     model = model.eval()
     # Batch 2 and 64 pixels: the exporters specialise a dimension of 1, and a last stage of 1x1.
     example = torch.randn(2, 3, 64, 64)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
-        if kind == "torchscript":
-            # Tracing records the ResNet's fixed sequence of operations; shapes stay symbolic.
-            torch.jit.save(torch.jit.trace(model, example, strict=False), path)
-        elif kind == "torch.export":
-            torch.export.save(torch.export.export(model, (example,), dynamic_shapes=_dynamic_shapes()), path)
-        else:
-            _export_onnx(model, example, path)
+    # Written beside it and renamed: a failed export leaves whatever was at ``path`` as it was.
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial{path.suffix}")
+    try:
+        with torch.no_grad():
+            if kind == "torchscript":
+                # Tracing records the ResNet's fixed sequence of operations; shapes stay symbolic.
+                torch.jit.save(torch.jit.trace(model, example, strict=False), partial)
+            elif kind == "torch.export":
+                torch.export.save(torch.export.export(model, (example,), dynamic_shapes=_dynamic_shapes()), partial)
+            else:
+                _export_onnx(model, example, partial)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
     return path
 
 
@@ -114,6 +122,10 @@ def check(model: nn.Module, path: str | os.PathLike, x: Tensor, tolerance: float
     the largest output, and raise ExportError if it exceeds ``tolerance`` or the shapes differ."""
     with torch.no_grad():
         expected, got = _as_list(model.eval()(x)), load(path)(x)
+    for what, outputs in (("the model's own", expected), ("the exported file's", got)):
+        if not all(torch.isfinite(t).all() for t in outputs):
+            raise ExportError(f"{path}: {what} outputs hold NaN or infinite values, so they cannot be compared: "
+                              "check the weights")
     if [tuple(t.shape) for t in got] != [tuple(t.shape) for t in expected]:
         raise ExportError(f"{path}: output shapes {[tuple(t.shape) for t in got]} differ from the model's "
                           f"{[tuple(t.shape) for t in expected]}")
@@ -134,19 +146,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("output", help="the file to write: NAME.pt (TorchScript), NAME.pt2 or NAME.onnx")
     parser.add_argument("--model", default="resnet50_swsl", choices=list(WEIGHTS), metavar="ENTRY",
                         help="one of the twelve entries (default: resnet50_swsl)")
-    parser.add_argument("--weights", help="a checkpoint path or URL to load instead of the published weights")
+    parser.add_argument("--weights", type=weights_source,
+                        help="a checkpoint path or URL to load instead of the published weights")
     parser.add_argument("--num-classes", type=positive, default=1000, help="classes of --weights' head")
     parser.add_argument("--features-only", action="store_true", help="export the backbone's feature maps")
     args = parser.parse_args(argv)
-    if Path(args.output).suffix not in FORMATS:
+    output = Path(args.output)
+    if output.is_dir():
+        parser.error(f"{args.output} is a directory: give a file name ending in {', '.join(FORMATS)}")
+    if output.suffix not in FORMATS:
         parser.error(f"{args.output}: the name must end in {', '.join(FORMATS)}")
+    if args.weights and "://" not in args.weights and output.exists() and output.samefile(args.weights):
+        parser.error(f"{args.output} is the --weights file: writing there would destroy it; choose another name")
 
     try:
         model = create_model(args.model, weights=args.weights, num_classes=args.num_classes,
                              features_only=args.features_only)
         path = export(model, args.output)
         error = check(model, path, sample_batch(model))
-    except (ValueError, FileNotFoundError, CheckpointError, ExportError) as e:
+    except (ValueError, FileNotFoundError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"{path} ({FORMATS[path.suffix]}, {path.stat().st_size / 2**20:.1f} MiB): outputs on the sample photos "

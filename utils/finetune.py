@@ -36,7 +36,7 @@ from tqdm import tqdm
 from .checkpoint import CheckpointError
 from .hardware import check_native
 from .images import IMAGE_SUFFIXES, ImageError, read
-from .inference import WEIGHTS, pick_device, positive
+from .inference import WEIGHTS, batch_size_value, count, device_name, pick_device, positive, weights_source
 from .preprocess import Preprocess
 
 try:  # imported through hubconf.py's private package name
@@ -319,7 +319,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
     parser.add_argument("--model", default="resnet50_swsl", choices=list(WEIGHTS), metavar="ENTRY",
                         help="the pretrained model to start from (default resnet50_swsl; the twelve entries are "
                              "listed below)")
-    parser.add_argument("--weights", help="a checkpoint path or URL to start from instead of the published weights")
+    parser.add_argument("--weights", type=weights_source,
+                        help="a checkpoint path or URL to start from instead of the published weights")
     parser.add_argument("--val", type=Path, metavar="VAL_DIR", help="validation images, the same class folders")
     parser.add_argument("--val-fraction", type=float, default=0.1,
                         help="without --val, the share of each class held out (default 0.1)")
@@ -327,7 +328,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
     parser.add_argument("--stop-after", type=positive, metavar="EPOCH",
                         help="end this run after EPOCH (of --epochs), e.g. for a time-limited job; "
                              "--resume OUT/last.pth continues")
-    parser.add_argument("--batch-size", type=positive, default=32, help="per process (default 32)")
+    parser.add_argument("--batch-size", type=batch_size_value, default=32, help="per process (default 32)")
     parser.add_argument("--lr", type=float, default=0.01, help="learning rate of the new head (default 0.01)")
     parser.add_argument("--backbone-lr", type=float, help="learning rate of the pretrained backbone "
                                                           "(default: --lr / 10)")
@@ -337,17 +338,16 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
     parser.add_argument("--warmup-epochs", type=float, default=1.0, help="default 1")
     parser.add_argument("--img-size", type=positive, default=224, help="training and validation size (default 224)")
     parser.add_argument("--freeze-backbone", action="store_true", help="train the head only (a linear probe)")
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+    parser.add_argument("--workers", type=count, default=min(8, os.cpu_count() or 1),
                         help="processes decoding images, per process (default: the CPU count, at most 8)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    parser.add_argument("--device", type=device_name, default="auto",
+                        help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--dtype", choices=["auto", "float32", *AMP], default="auto",
                         help="mixed precision: auto is bfloat16 (else float16) on a GPU, float32 on a CPU")
     parser.add_argument("--resume", type=Path, metavar="OUT/last.pth", help="continue the run saved there")
     parser.add_argument("--seed", type=int, default=0, help="default 0")
     parser.add_argument("--json", action="store_true", help="print each epoch's metrics as JSON")
     args = parser.parse_args(argv)
-    if args.workers < 0:
-        parser.error(f"--workers: must be 0 or more, got {args.workers}")
     if args.img_size < MIN_SIZE:
         parser.error(f"--img-size {args.img_size} is below the network's minimum of {MIN_SIZE} pixels "
                      "(it reduces images 32 times)")

@@ -42,23 +42,24 @@ def cpu_has_native(dtype: torch.dtype) -> bool:
     return any(flag in cpu_flags() for flag in NATIVE_INSTRUCTIONS.get(dtype, ()))
 
 
-def check_native(dtype: torch.dtype, device: torch.device) -> None:
-    """Raise ValueError for a precision ``device`` would only emulate, slower than float32."""
+def check_native(dtype: torch.dtype, device: torch.device, fallback: str = "dtype=None (float32)") -> None:
+    """Raise ValueError for a precision ``device`` would only emulate, slower than float32; the
+    message suggests ``fallback``."""
     if dtype == torch.float32:
         return
     name = str(dtype).removeprefix("torch.")
     if device.type == "cuda":
         if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported(including_emulation=False):
             raise ValueError(f"{device} has no native bfloat16 (it needs an Ampere or newer GPU): "
-                             "use dtype=torch.float16")
+                             f"use {fallback} or float16")
         return
     if device.type == "cpu":
         if not cpu_has_native(dtype):
             needs = " or ".join(NATIVE_INSTRUCTIONS[dtype][:2])
             raise ValueError(f"this CPU has no native {name} ({needs} instructions): {name} would run slower "
-                             f"than float32 here; use dtype=None (float32)")
+                             f"than float32 here; use {fallback}")
         return
-    raise ValueError(f"dtype={dtype} on {device} is untested here: use dtype=None (float32)")
+    raise ValueError(f"{name} on {device} is untested here: use {fallback}")
 
 
 def cpu_name() -> str:

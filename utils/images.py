@@ -38,6 +38,8 @@ def open_rgb(image) -> Image.Image:
 
 def read(path: str | os.PathLike) -> Image.Image:
     """The image file at ``path``, upright and in RGB."""
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise ImageError(f"{path}: not a regular file (a named pipe or a device?)")  # reading one could block
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

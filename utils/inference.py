@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from .hardware import check_native
 from .images import ImageError
 from .optimize import BACKENDS, optimize_for_inference
 
@@ -26,12 +27,15 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def add_model_arguments(parser: argparse.ArgumentParser, batch_size: int) -> None:
     parser.add_argument("--model", default="resnet50_swsl", choices=list(WEIGHTS), metavar="ENTRY",
-                        help="one of the twelve entries (default: resnet50_swsl)")
-    parser.add_argument("--weights", help="a checkpoint path or URL to load instead of the published weights")
-    parser.add_argument("--batch-size", type=positive, default=batch_size, help=f"default {batch_size}")
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                        help="processes decoding images (default: the CPU count, at most 8)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+                        help=f"one of the twelve entries (default: resnet50_swsl): {', '.join(WEIGHTS)}")
+    parser.add_argument("--weights", type=weights_source,
+                        help="a checkpoint path or URL to load instead of the published weights")
+    parser.add_argument("--batch-size", type=batch_size_value, default=batch_size, help=f"default {batch_size}")
+    parser.add_argument("--workers", type=count, default=min(8, os.cpu_count() or 1),
+                        help="processes decoding images; 0 decodes in the main process (default: the CPU count, "
+                             "at most 8)")
+    parser.add_argument("--device", type=device_name, default="auto",
+                        help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32",
                         help="precision to run the model in: bfloat16 is about twice as fast on CPUs and GPUs "
                              "that have it (default float32)")
@@ -46,11 +50,70 @@ def sample_photos() -> list[Path]:
     return sorted(SAMPLES.glob("*.[jp][pn]g"))
 
 
+# argparse types: a bad value ends the command with argparse's one-line error and exit status 2.
+
+MAX_BATCH_SIZE = 4096
+
+
 def positive(text: str) -> int:
-    value = int(text)
+    value = _integer(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def count(text: str) -> int:
+    value = _integer(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def batch_size_value(text: str) -> int:
+    value = positive(text)
+    if value > MAX_BATCH_SIZE:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_BATCH_SIZE}, got {text}")
+    return value
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+
+
+def device_name(text: str) -> str:
+    """``--device``: auto, cpu, cuda or cuda:N of a GPU that is there."""
+    if text == "auto":
+        return text
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text!r}: the commands run on cpu or cuda")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text}: CUDA is not available here; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text}: there are {torch.cuda.device_count()} CUDA device(s), "
+                                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return text
+
+
+def weights_source(text: str) -> str:
+    """``--weights``: an http(s):// or file:// URL, or a checkpoint file that is there."""
+    if "://" in text:
+        if text.split("://", 1)[0] not in ("http", "https", "file"):
+            raise argparse.ArgumentTypeError(f"{text}: only http://, https:// and file:// URLs are supported")
+        return text
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"{text}: no such file")
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{text}: not a regular file; give a checkpoint file")
+    return text
 
 
 def wordnet_ids() -> list[str]:
@@ -63,10 +126,15 @@ def pick_device(name: str, backend: str = "torch") -> torch.device:
     if name == "auto":
         cpu_only = backend in ("onnxruntime", "openvino")
         return torch.device("cuda" if torch.cuda.is_available() and not cpu_only else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available here; use --device cpu")
-    return device
+    try:
+        return torch.device(device_name(name))
+    except argparse.ArgumentTypeError as e:
+        raise ValueError(f"--device {e}") from None
+
+
+def check_dtype(dtype: str, device: torch.device) -> None:
+    """``--dtype``, refused before any loading where ``device`` would only emulate it."""
+    check_native(DTYPES[dtype], device, fallback="--dtype float32")
 
 
 def load_model(entry: str, weights: str | None, device: torch.device, num_classes: int = 1000,
