@@ -303,3 +303,15 @@ def test_device_auto_is_the_cpu_for_the_cpu_runtimes_even_with_a_gpu(monkeypatch
     assert pick_device("auto") == torch.device("cuda")
     assert pick_device("auto", "auto") == torch.device("cuda")  # "auto" on a GPU is the torch backend
     assert pick_device("auto", "onnxruntime") == pick_device("auto", "openvino") == torch.device("cpu")
+
+
+def test_errors_name_the_commands_options_not_pythons(resnet18_checkpoint, capsys, tmp_path):
+    from .test_reliability import refused_url
+
+    bad = tmp_path / "resnet18-0123abcd.pth"  # a name that promises a hash the file does not have
+    shutil.copyfile(resnet18_checkpoint, bad)
+    for weights, message in ((str(bad), f"SHA-256 mismatch for --weights {bad}: expected a hash starting 0123abcd"),
+                             (refused_url() + "w.pth", "download the file yourself and pass --weights <its path>")):
+        status = classify.main(["--model", "resnet18_ssl", "--weights", weights, "--device", "cpu"])
+        err = capsys.readouterr().err
+        assert status == 2 and message in err and "weights=" not in err, err

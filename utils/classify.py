@@ -25,6 +25,7 @@ from .inference import (
     add_model_arguments,
     batches,
     check_dtype,
+    in_command_terms,
     load_model,
     pick_device,
     positive,
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--weights {args.weights} has no trained {len(own)}-class head for --classes "
                              f"{args.classes}: give the best.pth of the same fine-tuning run")
     except (ValueError, FileNotFoundError, CheckpointError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {in_command_terms(e)}", file=sys.stderr)
         return 2
     classes, wnids = own or model.pretrained_cfg["classes"], None if own else model.pretrained_cfg["wnids"]
     topk = min(args.topk, len(classes))

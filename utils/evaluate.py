@@ -30,6 +30,7 @@ from .inference import (
     add_model_arguments,
     batches,
     check_dtype,
+    in_command_terms,
     load_model,
     pick_device,
     positive,
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     except (ValueError, FileNotFoundError, CheckpointError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {in_command_terms(e)}", file=sys.stderr)
         return 2
     finally:
         if dist.is_initialized():

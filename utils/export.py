@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import CheckpointError
-from .inference import positive, sample_photos, weights_source
+from .inference import in_command_terms, positive, sample_photos, weights_source
 
 try:  # imported through hubconf.py's private package name
     from ..models import WEIGHTS, create_model
@@ -165,10 +165,10 @@ def main(argv: list[str] | None = None) -> int:
         path = export(model, args.output)
         error = check(model, path, sample_batch(model))
     except (ValueError, FileNotFoundError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {in_command_terms(e)}", file=sys.stderr)
         return 2
     except ExportError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {in_command_terms(e)}", file=sys.stderr)
         return 1
     print(f"{path} ({FORMATS[path.suffix]}, {path.stat().st_size / 2**20:.1f} MiB): outputs on the sample photos "
           f"equal the eager model's within {error:.1e} (relative)")

@@ -36,7 +36,16 @@ from tqdm import tqdm
 from .checkpoint import CheckpointError
 from .hardware import check_native
 from .images import IMAGE_SUFFIXES, ImageError, read
-from .inference import WEIGHTS, batch_size_value, count, device_name, pick_device, positive, weights_source
+from .inference import (
+    WEIGHTS,
+    batch_size_value,
+    count,
+    device_name,
+    in_command_terms,
+    pick_device,
+    positive,
+    weights_source,
+)
 from .preprocess import Preprocess
 
 try:  # imported through hubconf.py's private package name
@@ -502,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.output / 'last.pth'} (if an epoch has finished) or start again", file=sys.stderr)
         return 1
     except (FinetuneError, ValueError, FileNotFoundError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {in_command_terms(e)}", file=sys.stderr)
         return 2
     finally:
         if dist.is_initialized():

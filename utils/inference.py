@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -130,6 +131,11 @@ def pick_device(name: str, backend: str = "torch") -> torch.device:
         return torch.device(device_name(name))
     except argparse.ArgumentTypeError as e:
         raise ValueError(f"--device {e}") from None
+
+
+def in_command_terms(error: Exception) -> str:
+    """An error of the Python API as the commands say it: ``weights='x.pth'`` is ``--weights x.pth``."""
+    return re.sub(r"\bweights=(?:'([^']*)'|(<[^>]*>))", lambda m: f"--weights {m[1] or m[2]}", str(error))
 
 
 def check_dtype(dtype: str, device: torch.device) -> None:
