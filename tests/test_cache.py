@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from models import create_model
-from utils import checkpoint, checkpoints
+from utils import cache as cache_command
+from utils import checkpoint
 from utils.checkpoint import RECORDS, CheckpointError
 
 from .conftest import REPO, random_state_dict
@@ -120,9 +121,9 @@ def test_a_cached_file_is_hashed_again_only_when_it_changes(cached_resnet18, mon
     cached_resnet18.write_bytes(bytes(data))
     os.utime(cached_resnet18, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # even with the old time put back
     with pytest.raises(CheckpointError, match=f"the cached checkpoint {cached_resnet18} does not match its SHA-256 "
-                       f"prefix .* Remove it with python -m utils.checkpoints clear {cached_resnet18.name} and load"):
+                       f"prefix .* Remove it with python -m utils.cache clear {cached_resnet18.name} and load"):
         create_model("resnet18_ssl")
-    assert checkpoints.main(["clear", cached_resnet18.name]) == 0 and not cached_resnet18.exists()
+    assert cache_command.main(["clear", cached_resnet18.name]) == 0 and not cached_resnet18.exists()
     del reference
 
 
@@ -137,7 +138,7 @@ def test_the_remedy_for_a_damaged_cached_file_is_quoted_for_the_shell(server, re
     with pytest.raises(CheckpointError, match="could not read the checkpoint") as error:
         create_model("resnet18_ssl", weights=url)
     command = str(error.value).split("remove it with ")[1].split(" and load again")[0]
-    assert command.startswith("python -m utils.checkpoints clear '")
+    assert command.startswith("python -m utils.cache clear '")
     done = subprocess.run(["bash", "-c", command.replace("python", sys.executable, 1)], cwd=tmp_path,
                           env={**os.environ, "TORCH_HOME": str(torch_home), "PYTHONPATH": str(REPO)},
                           capture_output=True, text=True, timeout=60)

@@ -153,7 +153,7 @@ def test_damaged_cached_file_names_the_file_and_the_remedy(resnet18_checkpoint, 
     path.parent.mkdir(parents=True)
     path.write_bytes(resnet18_checkpoint.read_bytes()[: 10_000_000])  # an interrupted copy
     with pytest.raises(CheckpointError, match=f"the cached checkpoint {path} does not match its SHA-256 prefix "
-                       f"d92f0530 .*Remove it with python -m utils.checkpoints clear {path.name} and load again"):
+                       f"d92f0530 .*Remove it with python -m utils.cache clear {path.name} and load again"):
         create_model("resnet18_ssl")
 
 

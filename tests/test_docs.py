@@ -1,5 +1,6 @@
 """The README stays true: its table is the registry's, its examples run, CI runs its test command."""
 import re
+import shlex
 import subprocess
 import sys
 
@@ -28,6 +29,26 @@ def test_python_m_models_prints_the_table():
     out = subprocess.run([sys.executable, "-W", "ignore", "-m", "models"], cwd=REPO, capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == markdown_table()
+
+
+def test_python_m_models_entry_prints_its_hub_help():
+    out = subprocess.run([sys.executable, "-W", "ignore", "-m", "models", "resnext101_32x8d_swsl"], cwd=REPO,
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == WEIGHTS["resnext101_32x8d_swsl"].docstring().strip()
+
+
+def test_the_two_commands_at_the_top_run_as_written():
+    first, second = re.search(r"```sh\n(.*?)```", README, flags=re.S)[1].strip().splitlines()
+    setup, command = first.rsplit(" && ", 1)
+    assert setup == ("python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 "
+                     "-r requirements.txt") and second == "bash .ci/run"
+    # The set-up is CI's (tested by CI itself); the command runs here, without the published files.
+    args = shlex.split(command)
+    assert args[:3] == ["python", "-m", "utils.classify"]
+    done = subprocess.run([sys.executable, *args[1:], "--no-pretrained", "--workers", "0"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("# random weights (--no-pretrained)") and "rocket.jpg" in done.stdout
 
 
 def test_ci_runs_exactly_the_readme_test_command():

@@ -257,3 +257,14 @@ def test_a_linear_probe_on_a_held_out_split_leaves_the_backbone_as_it_was(data, 
     assert backbone and all(torch.equal(before[k], after[k]) for k in backbone)  # BatchNorm statistics too
     assert after["fc.weight"].shape == (3, 512)
     assert [r["epoch"] for r in metrics(out)] == [1]
+
+
+def test_no_pretrained_trains_from_random_weights_offline(data, tmp_path, monkeypatch):
+    from .test_reliability import refused_url
+    monkeypatch.setenv("SEMI_SUPERVISED_WEIGHTS_MIRROR", refused_url())  # the published files cannot be fetched
+    train, val = data
+    recipe = [*RECIPE]
+    recipe[recipe.index("--epochs") + 1] = "1"
+    assert finetune_main(train, "--output", tmp_path / "out", "--val", val, "--no-pretrained", *recipe) == 0
+    saved = torch.load(tmp_path / "out" / "last.pth", weights_only=True)
+    assert saved["recipe"]["no_pretrained"] is True and (tmp_path / "out" / "best.pth").is_file()

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from models import WEIGHTS, create_model
-from utils import checkpoints
+from utils import cache as cache_command
 from utils.checkpoint import RECORDS, CheckpointError
 
 from .conftest import REPO
@@ -178,19 +178,19 @@ def test_a_killed_download_leaves_nothing_behind_and_a_live_one_is_left_alone(
         partials = lambda: list(cache.glob(f".{name}.*.partial"))  # noqa: E731
         wait_for(lambda: partials() and partials()[0].stat().st_size >= 1 << 20)
         # While it downloads, the cache command sees it as such and removes nothing of it.
-        assert checkpoints.main(["list"]) == 0 and "(downloading)" in capsys.readouterr().out
-        assert checkpoints.main(["clear"]) == 0 and f"left alone: {name}" in capsys.readouterr().out
+        assert cache_command.main(["list"]) == 0 and "(downloading)" in capsys.readouterr().out
+        assert cache_command.main(["clear"]) == 0 and f"left alone: {name}" in capsys.readouterr().out
         assert len(partials()) == 1 and (cache / f".{name}.lock").exists()
     finally:
         loader.send_signal(signal_)
         loader.wait(timeout=60)
     assert cache_files(torch_home) == sorted([partials()[0].name, f".{name}.lock"])  # what the kill left
-    assert checkpoints.main(["list"]) == 0 and "(left over)" in capsys.readouterr().out
+    assert cache_command.main(["list"]) == 0 and "(left over)" in capsys.readouterr().out
     if then == "load":  # the next download, holding the lock, knows the partial file is stale
         create_model("resnet18_ssl", weights=f"{faulty.url}/ok/0/{name}", progress=False)
         assert cache_files(torch_home) == [name]
     else:
-        assert checkpoints.main(["clear"]) == 0
+        assert cache_command.main(["clear"]) == 0
         assert cache_files(torch_home) == []
 
 
@@ -285,44 +285,47 @@ def test_a_users_own_utils_and_models_modules_stay_theirs(tmp_path):
     assert done.returncode == 0, done.stderr
 
 
-# python -m utils.checkpoints
+# python -m utils.cache
 
 
 def test_checkpoints_list_verify_clear(cached_resnet18, capsys):
     (cached_resnet18.parent / f".{cached_resnet18.name}.0123.partial").write_bytes(b"half")
     (cached_resnet18.parent / "someone_elses.pth").write_bytes(b"not ours")
-    assert checkpoints.main(["list"]) == 0
+    assert cache_command.main(["list"]) == 0
     out = capsys.readouterr().out
     size = f"{cached_resnet18.stat().st_size / 2**20:.1f} MiB"
     assert "1 of 12 checkpoint(s)" in out and "resnet18_ssl" in out and size in out
     assert "(left over)" in out and "someone_elses" not in out
-    assert checkpoints.main(["verify"]) == 0
+    assert cache_command.main(["verify"]) == 0
     assert "ok  resnet18_ssl" in capsys.readouterr().out
-    assert checkpoints.main(["clear"]) == 0
+    assert cache_command.main(["clear"]) == 0
     assert sorted(p.name for p in cached_resnet18.parent.iterdir()) == ["someone_elses.pth"]
-    assert checkpoints.main(["verify"]) == 0 and "no checkpoints cached" in capsys.readouterr().out
+    assert cache_command.main(["verify"]) == 0 and "no checkpoints cached" in capsys.readouterr().out
 
 
 def test_checkpoints_verify_finds_a_damaged_file_and_says_how_to_fix_it(cached_resnet18, capsys):
     data = bytearray(cached_resnet18.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte
     cached_resnet18.write_bytes(bytes(data))
-    assert checkpoints.main(["verify", "resnet18_ssl"]) == 1
+    assert cache_command.main(["verify", "resnet18_ssl"]) == 1
     out, err = capsys.readouterr()
     assert "BAD resnet18_ssl" in out
-    assert "Remove them with: python -m utils.checkpoints clear resnet18_ssl" in err
+    assert "Remove them with: python -m utils.cache clear resnet18_ssl" in err
 
 
 def test_checkpoints_refuses_an_unknown_entry(capsys):
     with pytest.raises(SystemExit) as exit_:
-        checkpoints.main(["clear", "resnet19_ssl"])
+        cache_command.main(["clear", "resnet19_ssl"])
     assert exit_.value.code == 2 and "unknown entry resnet19_ssl" in capsys.readouterr().err
 
 
-def test_python_m_utils_checkpoints(torch_home):
-    done = subprocess.run([sys.executable, "-m", "utils.checkpoints", "list"], cwd=REPO, capture_output=True,
-                          text=True, env={**os.environ, "TORCH_HOME": str(torch_home)})
+@pytest.mark.parametrize("module", ["utils.cache", "utils.checkpoints"])  # the command and its earlier name
+def test_python_m_utils_cache(torch_home, module):
+    env = {**os.environ, "TORCH_HOME": str(torch_home)}
+    done = subprocess.run([sys.executable, "-m", module, "list"], cwd=REPO, capture_output=True, text=True, env=env)
     assert done.returncode == 0 and f"{torch_home / 'hub' / 'checkpoints'}: 0 of 12 checkpoint(s)" in done.stdout
+    bare = subprocess.run([sys.executable, "-m", module], cwd=REPO, capture_output=True, text=True, env=env)
+    assert bare.returncode == 2 and bare.stderr.strip().endswith("error: the following arguments are required: command")
 
 
 # Bad input to the models

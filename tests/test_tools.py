@@ -255,7 +255,7 @@ def test_evaluate_a_fine_tuned_model_of_its_own_classes(tmp_path, capsys):
     status, result, _ = run_evaluate(capsys, str(root), "--weights", str(tmp_path / "finetuned.pth"),
                                      "--num-classes", "2")
     assert status == 0 and result["top1_correct"] == sum(p == label for p, label in zip(predicted, [0, 0, 1, 1]))
-    assert result["top5_correct"] == 4  # top-5 of 2 classes always holds the label
+    assert "top5" not in result and "top5_correct" not in result  # top-5 of 2 classes always holds the label
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -315,3 +315,56 @@ def test_errors_name_the_commands_options_not_pythons(resnet18_checkpoint, capsy
         status = classify.main(["--model", "resnet18_ssl", "--weights", weights, "--device", "cpu"])
         err = capsys.readouterr().err
         assert status == 2 and message in err and "weights=" not in err, err
+
+
+# Every command tries out offline with --no-pretrained, and lists the entries in its --help.
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """No published file can be fetched: the mirror refuses every connection."""
+    from .test_reliability import refused_url
+    monkeypatch.setenv("SEMI_SUPERVISED_WEIGHTS_MIRROR", refused_url())
+
+
+def test_classify_no_pretrained_runs_offline_and_says_its_classes_are_meaningless(offline, capsys):
+    assert classify.main(["--no-pretrained", "--model", "resnet18_ssl", "--workers", "0", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# random weights (--no-pretrained): the classes are meaningless\n")
+    assert str(SAMPLES / "chelsea.png") in out
+    status, rows, _ = run_classify(capsys, "--no-pretrained", "--json", "--device", "cpu")
+    assert status == 0 and len(rows) == 2 and all(r["pretrained"] is False for r in rows)
+
+
+def test_evaluate_no_pretrained_runs_offline_and_says_so(offline, val_dir, capsys):
+    status = evaluate.main([str(val_dir), "--no-pretrained", "--model", "resnet18_ssl", "--workers", "0",
+                            "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert status == 0 and "resnet18_ssl (random weights (--no-pretrained): the accuracies are meaningless)" in out
+    status, result, _ = run_evaluate(capsys, str(val_dir), "--no-pretrained", "--device", "cpu")
+    assert status == 0 and result["pretrained"] is False and result["images"] == 11
+
+
+def test_export_and_benchmark_no_pretrained_run_offline(offline, tmp_path, capsys):
+    from utils import benchmark, export
+    assert export.main([str(tmp_path / "r18.pt"), "--model", "resnet18_ssl", "--no-pretrained"]) == 0
+    assert "random weights (--no-pretrained)" in capsys.readouterr().out
+    assert benchmark.main(["--models", "resnet18_ssl", "--no-pretrained", "--batch-sizes", "1", "--warmup", "0",
+                           "--repeats", "1", "--device", "cpu", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[0])["entry"] == "resnet18_ssl"
+
+
+def test_no_pretrained_and_weights_exclude_each_other(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_:
+        classify.main(["--no-pretrained", "--weights", str(SAMPLES / "chelsea.png")])
+    assert exit_.value.code == 2 and "argument --weights: not allowed with argument --no-pretrained" in \
+        capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["classify", "evaluate", "export", "benchmark", "finetune", "cache"])
+def test_every_commands_help_lists_the_twelve_entries(command, capsys):
+    from models import WEIGHTS
+    with pytest.raises(SystemExit) as exit_:
+        importlib.import_module(f"utils.{command}").main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert exit_.value.code == 0 and all(entry in out for entry in WEIGHTS), out

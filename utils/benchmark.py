@@ -283,7 +283,8 @@ def check_plot_path(parser: argparse.ArgumentParser, path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m utils.benchmark", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m utils.benchmark", description=__doc__.split("\n\n")[0],
+                                     epilog=f"entries: {', '.join(WEIGHTS)}")
     parser.add_argument("--models", nargs="+", default=["resnet50_swsl"], metavar="ENTRY",
                         help="entries to measure, or all (default: resnet50_swsl)")
     parser.add_argument("--batch-sizes", nargs="+", type=batch_size_value, default=[1, 16], metavar="N",
@@ -303,6 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     output.add_argument("--json", action="store_true", help="one JSON object per row")
     output.add_argument("--csv", action="store_true", help="CSV with a header line")
     parser.add_argument("--plot", metavar="FILE.png", help="draw measured top-1 against images/s")
+    parser.add_argument("--no-pretrained", action="store_true",
+                        help="accepted as by the other commands: the benchmark always uses random weights, "
+                             "as speed does not depend on them, and needs no download")
     args = parser.parse_args(argv)
     try:
         entries = parse_models(args.models)

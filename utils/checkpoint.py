@@ -33,7 +33,7 @@ from . import download
 URL_SCHEMES = ("http", "https", "file")
 # "name-0123abcd.pth": the hex digits are the start of the file's SHA-256 (torch.hub's convention).
 HASH_SUFFIX = re.compile(r"-([0-9a-f]{8,64})\.[^./-]+$")
-CACHE_COMMAND = "python -m utils.checkpoints"
+CACHE_COMMAND = "python -m utils.cache"
 NAME_LIMIT = 200  # bytes; ".<name>.<uuid>.partial" must stay within the usual 255
 RECORDS = ".verified.json"  # in the cache directory: {path: {"stat": [...], "sha256": ...}}
 # The first bytes of the two formats torch.save writes: a zip archive, or (before 1.6, and the

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from .checkpoint import CheckpointError
 from .images import IMAGE_SUFFIXES
 from .inference import (
+    NO_PRETRAINED,
     ImageFiles,
     add_model_arguments,
     batches,
@@ -79,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
                              "utils.finetune writes OUT/classes.txt)")
     add_model_arguments(parser, batch_size=16)
     args = parser.parse_args(argv)
+    if args.classes is not None and args.no_pretrained:
+        parser.error("--classes: a fine-tuned model's class names go with its --weights, not --no-pretrained")
     if args.classes is not None and args.weights is None:
         parser.error("--classes: give the fine-tuned model's --weights too")
 
@@ -95,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         device = pick_device(args.device, args.backend)
         check_dtype(args.dtype, device)
         model = load_model(args.model, args.weights, device, num_classes=len(own) if own else 1000, dtype=args.dtype,
-                           backend=args.backend)
+                           backend=args.backend, pretrained=not args.no_pretrained)
         if own and model.pretrained_cfg["head"] != "pretrained":
             raise ValueError(f"--weights {args.weights} has no trained {len(own)}-class head for --classes "
                              f"{args.classes}: give the best.pth of the same fine-tuning run")
@@ -115,13 +118,16 @@ def main(argv: list[str] | None = None) -> int:
         ids = [wnids[i] for i in indices] if wnids else None
         if args.json:
             row = {"path": str(path), "model": args.model, "labels": labels, "wnids": ids,
-                   "probabilities": [round(p, 6) for p in probabilities]}
+                   "probabilities": [round(p, 6) for p in probabilities],
+                   "pretrained": False if args.no_pretrained else None}
             line = json.dumps({k: v for k, v in row.items() if v is not None})
         else:
             line = "\n".join([str(path)] + [f"  {p:7.2%}  {label}" + (f" ({ids[j]})" if ids else "")
                                             for j, (p, label) in enumerate(zip(probabilities, labels))])
         bar.write(line, file=sys.stdout)
 
+    if args.no_pretrained and not args.json:
+        print(f"# {NO_PRETRAINED}")
     dataset = ImageFiles(paths, model.preprocess, strict=False)
     failed = len(problems)
     progress = tqdm(total=len(paths), unit="image", disable=len(paths) <= args.batch_size, file=sys.stderr)

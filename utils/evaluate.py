@@ -25,6 +25,7 @@ from tqdm import tqdm
 from .checkpoint import CheckpointError
 from .images import IMAGE_SUFFIXES, ImageError
 from .inference import (
+    NO_PRETRAINED,
     WEIGHTS,
     ImageFiles,
     add_model_arguments,
@@ -96,8 +97,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    if args.num_classes and not args.weights:
-        raise ValueError("--num-classes needs --weights: the published weights classify the 1000 ImageNet classes")
+    if args.num_classes and not (args.weights or args.no_pretrained):
+        raise ValueError("--num-classes needs --weights (or --no-pretrained): the published weights classify the "
+                         "1000 ImageNet classes")
     device = pick_device(args.device, args.backend)
     check_dtype(args.dtype, device)
     samples = evenly(image_folder(args.root, args.num_classes), args.limit)
@@ -115,11 +117,11 @@ def evaluate(args: argparse.Namespace) -> int:
             dist.barrier()  # rank 0 downloads the checkpoint first; the others then read it from the cache
         try:
             model = load_model(args.model, args.weights, device, num_classes=args.num_classes or 1000,
-                               dtype=args.dtype, backend=args.backend)
+                               dtype=args.dtype, backend=args.backend, pretrained=not args.no_pretrained)
         finally:
             if world > 1 and rank == 0:
                 dist.barrier()  # also when loading failed: the others then fail with the same error, not hang
-        if model.pretrained_cfg["head"] != "pretrained":
+        if model.pretrained_cfg["head"] != "pretrained" and not args.no_pretrained:
             raise ValueError(f"{args.weights} has no trained {args.num_classes}-class head to evaluate")
         preprocess = model.preprocess
 
@@ -156,18 +158,23 @@ def evaluate(args: argparse.Namespace) -> int:
 
 def report(args: argparse.Namespace, counts: list[int], seconds: float, world: int) -> None:
     top1, top5, images = counts
-    result = {"model": args.model, "weights": args.weights, "dataset": str(args.root), "images": images,
+    result = {"model": args.model, "weights": args.weights, "pretrained": not args.no_pretrained,
+              "dataset": str(args.root), "images": images,
               "images_per_second": round(images / seconds, 1), "processes": world, "workers": args.workers,
               "dtype": args.dtype, "backend": args.backend}
     if not args.data_only:
-        result.update(top1=100 * top1 / images, top5=100 * top5 / images, top1_correct=top1, top5_correct=top5)
+        result.update(top1=100 * top1 / images, top1_correct=top1)
+        if (args.num_classes or 1000) > 5:  # with 5 classes or fewer, top-5 always holds the label: not a measure
+            result.update(top5=100 * top5 / images, top5_correct=top5)
     if args.json:
         print(json.dumps(result))
     elif args.data_only:
         print(f"decoding and preprocessing only: {images} images, {result['images_per_second']} images/s "
               f"({world} process(es), {args.workers} workers each)")
     else:
-        print(f"{args.model} on {args.root}: top-1 {result['top1']:.3f}%  top-5 {result['top5']:.3f}%  "
+        top5 = f"  top-5 {result['top5']:.3f}%" if "top5" in result else ""
+        random = f" ({NO_PRETRAINED.replace('classes', 'accuracies')})" if args.no_pretrained else ""
+        print(f"{args.model}{random} on {args.root}: top-1 {result['top1']:.3f}%{top5}  "
               f"({images} images, {result['images_per_second']} images/s, {world} process(es))")
 
 

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import CheckpointError
-from .inference import in_command_terms, positive, sample_photos, weights_source
+from .inference import NO_PRETRAINED, add_weights_arguments, in_command_terms, positive, sample_photos
 
 try:  # imported through hubconf.py's private package name
     from ..models import WEIGHTS, create_model
@@ -142,12 +142,12 @@ def sample_batch(model: nn.Module) -> Tensor:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m utils.export", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m utils.export", description=__doc__.split("\n\n")[0],
+                                     epilog=f"entries: {', '.join(WEIGHTS)}")
     parser.add_argument("output", help="the file to write: NAME.pt (TorchScript), NAME.pt2 or NAME.onnx")
     parser.add_argument("--model", default="resnet50_swsl", choices=list(WEIGHTS), metavar="ENTRY",
                         help="one of the twelve entries (default: resnet50_swsl)")
-    parser.add_argument("--weights", type=weights_source,
-                        help="a checkpoint path or URL to load instead of the published weights")
+    add_weights_arguments(parser)
     parser.add_argument("--num-classes", type=positive, default=1000, help="classes of --weights' head")
     parser.add_argument("--features-only", action="store_true", help="export the backbone's feature maps")
     args = parser.parse_args(argv)
@@ -160,8 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{args.output} is the --weights file: writing there would destroy it; choose another name")
 
     try:
-        model = create_model(args.model, weights=args.weights, num_classes=args.num_classes,
-                             features_only=args.features_only)
+        model = create_model(args.model, pretrained=not args.no_pretrained, weights=args.weights,
+                             num_classes=args.num_classes, features_only=args.features_only)
         path = export(model, args.output)
         error = check(model, path, sample_batch(model))
     except (ValueError, FileNotFoundError, CheckpointError) as e:
@@ -170,8 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     except ExportError as e:
         print(f"error: {in_command_terms(e)}", file=sys.stderr)
         return 1
+    note = f"; {NO_PRETRAINED}" if args.no_pretrained else ""
     print(f"{path} ({FORMATS[path.suffix]}, {path.stat().st_size / 2**20:.1f} MiB): outputs on the sample photos "
-          f"equal the eager model's within {error:.1e} (relative)")
+          f"equal the eager model's within {error:.1e} (relative){note}")
     return 0
 
 

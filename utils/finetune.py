@@ -38,13 +38,13 @@ from .hardware import check_native
 from .images import IMAGE_SUFFIXES, ImageError, read
 from .inference import (
     WEIGHTS,
+    add_weights_arguments,
     batch_size_value,
     count,
     device_name,
     in_command_terms,
     pick_device,
     positive,
-    weights_source,
 )
 from .preprocess import Preprocess
 
@@ -56,7 +56,7 @@ except ImportError:  # run from the repository root: python -m utils.finetune
     from models.resnet import MIN_SIZE
 
 # What makes the training recipe: a resumed run must not change these.
-RECIPE = ("model", "weights", "epochs", "batch_size", "lr", "backbone_lr", "optimizer", "weight_decay",
+RECIPE = ("model", "weights", "no_pretrained", "epochs", "batch_size", "lr", "backbone_lr", "optimizer", "weight_decay",
           "label_smoothing", "warmup_epochs", "img_size", "seed", "val", "val_fraction", "freeze_backbone", "dtype")
 AMP = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -193,7 +193,7 @@ def start(device_name: str) -> Context:
 
 
 def build_model(args: argparse.Namespace, num_classes: int, device: torch.device) -> nn.Module:
-    model = create_model(args.model, weights=args.weights, num_classes=num_classes)
+    model = create_model(args.model, pretrained=not args.no_pretrained, weights=args.weights, num_classes=num_classes)
     if model.pretrained_cfg["head"] != "new":
         model.fc.reset_parameters()  # a file with a head of this size: start the head afresh all the same
     if args.freeze_backbone:
@@ -328,8 +328,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
     parser.add_argument("--model", default="resnet50_swsl", choices=list(WEIGHTS), metavar="ENTRY",
                         help="the pretrained model to start from (default resnet50_swsl; the twelve entries are "
                              "listed below)")
-    parser.add_argument("--weights", type=weights_source,
-                        help="a checkpoint path or URL to start from instead of the published weights")
+    add_weights_arguments(parser, start="start from")
     parser.add_argument("--val", type=Path, metavar="VAL_DIR", help="validation images, the same class folders")
     parser.add_argument("--val-fraction", type=float, default=0.1,
                         help="without --val, the share of each class held out (default 0.1)")
@@ -426,7 +425,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             amp = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     elif args.dtype != "float32":
         amp = AMP[args.dtype]
-        check_native(amp, ctx.device)
+        check_native(amp, ctx.device, fallback="--dtype float32")
 
     torch.manual_seed(args.seed)  # the new head's initial weights
     model = build_model(args, len(classes), ctx.device)

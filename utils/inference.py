@@ -29,8 +29,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def add_model_arguments(parser: argparse.ArgumentParser, batch_size: int) -> None:
     parser.add_argument("--model", default="resnet50_swsl", choices=list(WEIGHTS), metavar="ENTRY",
                         help=f"one of the twelve entries (default: resnet50_swsl): {', '.join(WEIGHTS)}")
-    parser.add_argument("--weights", type=weights_source,
-                        help="a checkpoint path or URL to load instead of the published weights")
+    add_weights_arguments(parser)
     parser.add_argument("--batch-size", type=batch_size_value, default=batch_size, help=f"default {batch_size}")
     parser.add_argument("--workers", type=count, default=min(8, os.cpu_count() or 1),
                         help="processes decoding images; 0 decodes in the main process (default: the CPU count, "
@@ -49,6 +48,18 @@ def add_model_arguments(parser: argparse.ArgumentParser, batch_size: int) -> Non
 def sample_photos() -> list[Path]:
     """The bundled sample photos, in name order."""
     return sorted(SAMPLES.glob("*.[jp][pn]g"))
+
+
+NO_PRETRAINED = "random weights (--no-pretrained): the classes are meaningless"
+
+
+def add_weights_arguments(parser: argparse.ArgumentParser, start: str = "load") -> None:
+    weights = parser.add_mutually_exclusive_group()
+    weights.add_argument("--weights", type=weights_source,
+                         help=f"a checkpoint path or URL to {start} instead of the published weights")
+    weights.add_argument("--no-pretrained", action="store_true",
+                         help="random weights instead of the published ones: tries the command offline, before "
+                              "the weights are there (results are then meaningless)")
 
 
 # argparse types: a bad value ends the command with argparse's one-line error and exit status 2.
@@ -144,9 +155,10 @@ def check_dtype(dtype: str, device: torch.device) -> None:
 
 
 def load_model(entry: str, weights: str | None, device: torch.device, num_classes: int = 1000,
-               dtype: str = "float32", backend: str = "torch") -> nn.Module:
-    """The model on ``device``, optimised for inference by ``backend`` in ``dtype``."""
-    model = create_model(entry, weights=weights, num_classes=num_classes, progress=True)
+               dtype: str = "float32", backend: str = "torch", pretrained: bool = True) -> nn.Module:
+    """The model on ``device``, optimised for inference by ``backend`` in ``dtype``; random weights
+    without ``pretrained``."""
+    model = create_model(entry, pretrained=pretrained, weights=weights, num_classes=num_classes, progress=True)
     return optimize_for_inference(model.to(device), backend=backend, dtype=DTYPES[dtype])
 
 
