@@ -48,7 +48,12 @@ def random_state_dict(entry: str, seed: int = 0) -> dict[str, torch.Tensor]:
     """A state dict of the entry's architecture whose BatchNorm statistics are not the trivial 0/1,
     so that loading it (or failing to) shows in the outputs."""
     torch.manual_seed(seed)
-    state_dict = create_model(entry, pretrained=False).state_dict()
+    return randomize_statistics(create_model(entry, pretrained=False).state_dict())
+
+
+@torch.no_grad()
+def randomize_statistics(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Give BatchNorm statistics and affine weights, and biases, values away from 0/1, in place."""
     for key, value in state_dict.items():
         if key.endswith(("running_var", "bn1.weight", "bn2.weight", "bn3.weight")):
             value.uniform_(0.5, 1.5)

@@ -293,7 +293,7 @@ def test_torchrun_fails_cleanly_when_the_weights_are_missing(tmp_path, val_dir):
                            "-m", "utils.evaluate", str(val_dir), "--model", "resnet18_ssl", "--workers", "0",
                            "--weights", str(tmp_path / "missing.pth")], cwd=REPO, capture_output=True, text=True,
                           timeout=120)
-    assert done.returncode != 0 and done.stderr.count("missing.pth': no such file") == 2
+    assert done.returncode != 0 and done.stderr.count("missing.pth: no such file") == 2
 
 
 def test_device_auto_is_the_cpu_for_the_cpu_runtimes_even_with_a_gpu(monkeypatch):

@@ -11,9 +11,11 @@ eager model's by more than the tolerance.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -53,7 +55,8 @@ def export(model: nn.Module, path: str | os.PathLike) -> Path:
         with torch.no_grad():
             if kind == "torchscript":
                 # Tracing records the ResNet's fixed sequence of operations; shapes stay symbolic.
-                torch.jit.save(torch.jit.trace(model, example, strict=False), partial)
+                with _torchscript():
+                    torch.jit.save(torch.jit.trace(model, example, strict=False), partial)
             elif kind == "torch.export":
                 torch.export.save(torch.export.export(model, (example,), dynamic_shapes=_dynamic_shapes()), partial)
             else:
@@ -62,6 +65,15 @@ def export(model: nn.Module, path: str | os.PathLike) -> Path:
     finally:
         partial.unlink(missing_ok=True)
     return path
+
+
+@contextlib.contextmanager
+def _torchscript():
+    # torch deprecates TorchScript in favour of torch.export (.pt2, offered too), but C++ LibTorch
+    # and many deployments still load .pt files: asking for one is the user's choice, not news.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated", category=DeprecationWarning)
+        yield
 
 
 def _dynamic_shapes() -> dict:
@@ -86,7 +98,9 @@ def onnx_program(model: nn.Module, example: Tensor | None = None):
     # The exporter warns on every call that torchvision's detection operators are not registered:
     # these models use none of them.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # torch's own exporter still uses a pytree API that torch deprecates: nothing for the user to do.
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
         return torch.onnx.export(model, (torch.randn(2, 3, 64, 64) if example is None else example,),
                                  dynamic_shapes=_dynamic_shapes(), input_names=["image"], output_names=outputs,
                                  verbose=False)
@@ -97,7 +111,8 @@ def load(path: str | os.PathLike):
     path = Path(path)
     kind = FORMATS.get(path.suffix)
     if kind == "torchscript":
-        module = torch.jit.load(path)
+        with _torchscript():
+            module = torch.jit.load(path)
         return lambda x: _as_list(module(x))
     if kind == "torch.export":
         module = torch.export.load(path).module()

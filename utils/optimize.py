@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -81,7 +82,9 @@ def _torch(model: nn.Module, dtype: torch.dtype, channels_last: bool, compile: b
     if compile:
         # Freezing lets inductor treat the weights as constants: it pre-packs them and fuses
         # convolution, bias, addition and ReLU into one kernel.
-        fast = torch.compile(fast, options={"freezing": True})
+        with warnings.catch_warnings():  # torch's own mkldnn module, imported here, uses deprecated TorchScript
+            warnings.filterwarnings("ignore", message=r".*torch\.jit\.script_method", category=DeprecationWarning)
+            fast = torch.compile(fast, options={"freezing": True})
     elif channels_last and fused.can_fuse(fast):  # float32 on the CPU: weights packed once, ReLU and add fused
         fast = fused.FusedResNet(fast)
     return InferenceModel(fast, dtype, memory_format)
