@@ -7,9 +7,10 @@ import sys
 import pytest
 import torch
 
+from models.resnet import BLOCKS, ResNet
 from utils import export
 
-from .conftest import REPO
+from .conftest import REPO, randomize_statistics
 from .test_optimize import trained_like
 
 FORMATS = [".pt", ".pt2", ".onnx"]
@@ -17,12 +18,17 @@ FORMATS = [".pt", ".pt2", ".onnx"]
 
 @pytest.fixture(scope="module")
 def resnext():
-    return trained_like("resnext50_32x4d_ssl")
+    """ResNeXt 32x4d with one grouped bottleneck per stage: the blocks of the four ResNeXt entries
+    (and, with groups=1, of ResNet-50), in a quarter of ResNeXt-50's depth, which only repeats them."""
+    torch.manual_seed(0)
+    model = ResNet(BLOCKS["bottleneck"], [1, 1, 1, 1], groups=32, width_per_group=4)
+    randomize_statistics(model.state_dict())
+    return model.eval()
 
 
-# The grouped bottleneck (ResNeXt-50 32x4d) in every format; the basic block (ResNet-18) goes through
-# every format in the backbone test below. The other four architectures repeat these blocks, deeper
-# or wider; test_optimize runs all six.
+# The grouped bottleneck in every format; the basic block (ResNet-18) goes through every format in
+# the backbone test below. The six architectures repeat these blocks, deeper or wider; test_optimize
+# runs all six.
 @pytest.mark.parametrize("suffix", FORMATS)
 def test_a_classifier_exports_and_reproduces_eager(resnext, suffix, tmp_path):
     model = resnext
@@ -112,3 +118,12 @@ def test_the_self_check_fails_on_outputs_that_are_not_finite(tmp_path):
         model.fc.bias[0] = float("nan")
     with pytest.raises(export.ExportError, match="the model's own outputs hold NaN or infinite values"):
         export.check(model, path, torch.randn(2, 3, 64, 64))
+
+
+def test_a_two_class_file_names_the_option_that_fits_it(tmp_path, capsys):
+    torch.save(trained_like("resnet18_ssl", num_classes=2).state_dict(), tmp_path / "two_class.pth")
+    assert export.main([str(tmp_path / "r18.pt"), "--model", "resnet18_ssl", "--weights",
+                        str(tmp_path / "two_class.pth")]) == 2
+    err = capsys.readouterr().err
+    assert "Only the classifier differs: the file has a 2-class head, so pass --num-classes 2" in err
+    assert "num_classes=" not in err and not (tmp_path / "r18.pt").exists()

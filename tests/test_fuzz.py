@@ -5,6 +5,7 @@ Bounded: a fixed number of examples each, no deadline per example, no example da
 import io
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -47,6 +48,7 @@ def outcome(image) -> str:
     return "ok"
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # damaged on purpose: PIL warns of the tags it skips
 @FUZZ
 @given(original=st.sampled_from(FILES), data=st.data())
 def test_damaged_image_files(tmp_path_factory, original, data):

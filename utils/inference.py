@@ -146,7 +146,8 @@ def pick_device(name: str, backend: str = "torch") -> torch.device:
 
 def in_command_terms(error: Exception) -> str:
     """An error of the Python API as the commands say it: ``weights='x.pth'`` is ``--weights x.pth``."""
-    return re.sub(r"\bweights=(?:'([^']*)'|(<[^>]*>))", lambda m: f"--weights {m[1] or m[2]}", str(error))
+    message = re.sub(r"\bweights=(?:'([^']*)'|(<[^>]*>))", lambda m: f"--weights {m[1] or m[2]}", str(error))
+    return re.sub(r"num_classes=(\d+) \(--num-classes \d+ on the command line\)", r"--num-classes \1", message)
 
 
 def check_dtype(dtype: str, device: torch.device) -> None:
