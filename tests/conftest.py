@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import hashlib
 import http.server
+import os
 import shutil
 import threading
 import urllib.parse
@@ -20,6 +21,13 @@ import torch
 from models import WEIGHTS, create_model
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config):
+    # Under pytest-xdist the workers share the cores: one torch thread pool each, not one per core each.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 @pytest.fixture(autouse=True)

@@ -1,5 +1,6 @@
 """The README stays true: its table is the registry's, its examples run, CI runs its test command."""
 import re
+import runpy
 import shlex
 import subprocess
 import sys
@@ -25,15 +26,21 @@ def test_model_table_is_the_registrys():
     assert markdown_table() in README
 
 
-def test_python_m_models_prints_the_table():
-    out = subprocess.run([sys.executable, "-W", "ignore", "-m", "models"], cwd=REPO, capture_output=True, text=True,
-                         check=True).stdout
-    assert out.strip() == markdown_table()
+def python_m_models(monkeypatch, capsys, *args) -> str:
+    """``python -m models ARGS``, run as python runs it, in this process."""
+    monkeypatch.setattr(sys, "argv", ["models", *args])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_module("models", run_name="__main__")
+    assert exit_.value.code == 0
+    return capsys.readouterr().out
 
 
-def test_python_m_models_entry_prints_its_hub_help():
-    out = subprocess.run([sys.executable, "-W", "ignore", "-m", "models", "resnext101_32x8d_swsl"], cwd=REPO,
-                         capture_output=True, text=True, check=True).stdout
+def test_python_m_models_prints_the_table(monkeypatch, capsys):
+    assert python_m_models(monkeypatch, capsys).strip() == markdown_table()
+
+
+def test_python_m_models_entry_prints_its_hub_help(monkeypatch, capsys):
+    out = python_m_models(monkeypatch, capsys, "resnext101_32x8d_swsl")
     assert out.strip() == WEIGHTS["resnext101_32x8d_swsl"].docstring().strip()
 
 

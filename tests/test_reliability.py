@@ -324,8 +324,15 @@ def test_python_m_utils_cache(torch_home, module):
     env = {**os.environ, "TORCH_HOME": str(torch_home)}
     done = subprocess.run([sys.executable, "-m", module, "list"], cwd=REPO, capture_output=True, text=True, env=env)
     assert done.returncode == 0 and f"{torch_home / 'hub' / 'checkpoints'}: 0 of 12 checkpoint(s)" in done.stdout
-    bare = subprocess.run([sys.executable, "-m", module], cwd=REPO, capture_output=True, text=True, env=env)
-    assert bare.returncode == 2 and bare.stderr.strip().endswith("error: the following arguments are required: command")
+
+
+
+def test_the_cache_command_without_arguments_names_what_is_missing(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cache_command.main([])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_.value.code == 2 and last == ("python -m utils.cache: error: the following arguments are required: "
+                                              "command")
 
 
 # Bad input to the models
