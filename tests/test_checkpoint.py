@@ -95,7 +95,8 @@ def test_weights_local_path_is_used_in_place_and_hash_checked(resnet18_checkpoin
 
     bad = tmp_path / "resnet18-0123abcd.pth"
     shutil.copyfile(resnet18_checkpoint, bad)
-    with pytest.raises(CheckpointError, match="expected a hash starting 0123abcd"):
+    with pytest.raises(CheckpointError, match=r"expected a hash starting 0123abcd.* \(file names ending in -HEX are "
+                       "checked against that hash prefix\\), rename the file"):
         create_model("resnet18_ssl", weights=str(bad))
 
 
