@@ -12,6 +12,7 @@ memory-mapped; a user's file is read into memory, so that the model never depend
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -20,7 +21,6 @@ import re
 import shlex
 import sys
 import uuid
-import zipfile
 from pathlib import Path
 from urllib.parse import urlsplit
 from urllib.request import url2pathname
@@ -184,7 +184,7 @@ def fetch(url: str, *, expected_hash: str | None = None, progress: bool = True, 
             return path  # another process downloaded it while this one waited
         # Holding the lock, this process is the only one writing this name: partial files left
         # by a killed download are stale.
-        for stale in path.parent.glob(f".{_glob_escape(path.name)}.*.partial"):
+        for stale in path.parent.glob(f".{glob.escape(path.name)}.*.partial"):
             stale.unlink(missing_ok=True)
         partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
         sys.stderr.write(f'Downloading: "{url}" to {path}\n')
@@ -218,16 +218,15 @@ def _make_cache_dir() -> None:
             "downloaded>") from e
 
 
-def _glob_escape(name: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", name)
-
-
-def check_format(path: Path, origin: str, received: bool = False) -> None:
-    """Raise CheckpointError unless ``path`` starts like a file that torch.save wrote."""
+def check_format(path: Path, origin: str, received: bool = False) -> bool:
+    """Whether ``path`` is in torch.save's zip format (else its legacy one); CheckpointError if it
+    starts like neither."""
     with open(path, "rb") as f:
-        head = f.read(max(len(ZIP_MAGIC), len(LEGACY_MAGIC), 512))
-    if head.startswith(ZIP_MAGIC) or head.startswith(LEGACY_MAGIC):
-        return
+        head = f.read(512)
+    if head.startswith(ZIP_MAGIC):
+        return True
+    if head.startswith(LEGACY_MAGIC):
+        return False
     what = describe(head, path.stat().st_size)
     hint = " (a login or error page in place of the file?). Nothing was cached; check the URL" if received else (
         f". Remove it with {clear_command(path)}" if in_cache(path) else
@@ -264,12 +263,12 @@ def load_state_dict(path: Path, origin: str | None = None) -> dict[str, Tensor]:
     """
     origin = origin or str(path)
     cached = in_cache(path)
-    check_format(path, origin)
+    is_zip = check_format(path, origin)
     loaded = path.stat()
     try:
         # Only the cache's files are memory-mapped: they are replaced whole, never rewritten in place,
         # whereas a user may save over their own file while the model is alive.
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=cached and zipfile.is_zipfile(path))
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=cached and is_zip)
     except pickle.UnpicklingError as e:
         if "weights_only" in str(e) or "Weights only" in str(e):
             removed = cached and _discard(path, loaded)

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from .checkpoint import URL_SCHEMES
 from .hardware import check_native
 from .images import ImageError
 from .optimize import BACKENDS, optimize_for_inference
@@ -117,7 +118,7 @@ def device_name(text: str) -> str:
 def weights_source(text: str) -> str:
     """``--weights``: an http(s):// or file:// URL, or a checkpoint file that is there."""
     if "://" in text:
-        if text.split("://", 1)[0] not in ("http", "https", "file"):
+        if text.split("://", 1)[0] not in URL_SCHEMES:
             raise argparse.ArgumentTypeError(f"{text}: only http://, https:// and file:// URLs are supported")
         return text
     path = Path(text).expanduser()
