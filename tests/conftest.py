@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from models import WEIGHTS, create_model
+from utils.checkpoint import RECORDS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,6 +69,23 @@ def randomize_statistics(state_dict: dict[str, torch.Tensor]) -> dict[str, torch
         elif key.endswith(("running_mean", ".bias")):
             value.uniform_(-0.2, 0.2)
     return state_dict
+
+
+def cached_names(torch_home: Path) -> list[str]:
+    """The cache's files (partial downloads and locks included), without the verification records."""
+    directory = torch_home / "hub" / "checkpoints"
+    return sorted(p.name for p in directory.iterdir() if p.name != RECORDS) if directory.exists() else []
+
+
+def save_code_running_pickle(path: Path, marker: Path) -> Path:
+    """A legacy-format checkpoint whose unpickling would create the directory ``marker``."""
+
+    class Exploit:
+        def __reduce__(self):
+            return os.mkdir, (str(marker),)
+
+    torch.save({"fc.weight": torch.zeros(1), "payload": Exploit()}, path, _use_new_zipfile_serialization=False)
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -10,14 +10,9 @@ import torch
 from models import create_model
 from utils import cache as cache_command
 from utils import checkpoint
-from utils.checkpoint import RECORDS, CheckpointError
+from utils.checkpoint import CheckpointError
 
-from .conftest import REPO, random_state_dict
-
-
-def cached(torch_home):
-    directory = torch_home / "hub" / "checkpoints"
-    return sorted(p.name for p in directory.iterdir() if p.name != RECORDS) if directory.exists() else []
+from .conftest import REPO, cached_names, random_state_dict, save_code_running_pickle
 
 
 def test_a_users_file_is_read_into_memory_so_saving_over_it_is_safe(tmp_path):
@@ -47,7 +42,7 @@ def test_urls_ending_in_the_same_name_get_their_own_cache_entries(server, tmp_pa
         urls.append(server.serve(tmp_path / f"{folder}.pth", f"{folder}/model.pth"))
     for url, state_dict in zip(urls, (first, second)):
         torch.testing.assert_close(create_model("resnet18_ssl", weights=url).state_dict(), state_dict, rtol=0, atol=0)
-    names = cached(torch_home)
+    names = cached_names(torch_home)
     assert len(names) == 2 and all(n.startswith("model.") and n.endswith(".pth") for n in names)
     # Cached: the second load of each reads its own file without asking the server.
     server.close()
@@ -58,7 +53,7 @@ def test_urls_ending_in_the_same_name_get_their_own_cache_entries(server, tmp_pa
 def test_a_url_whose_name_is_longer_than_a_file_name_may_be(server, resnet18_checkpoint, torch_home):
     url = server.serve(resnet18_checkpoint, "w" * 300 + ".pth")
     create_model("resnet18_ssl", weights=url, progress=False)
-    [name] = cached(torch_home)
+    [name] = cached_names(torch_home)
     assert name.startswith("w" * 100) and name.endswith(".pth") and len(name.encode()) <= 200
 
 
@@ -72,7 +67,7 @@ def test_an_html_page_in_place_of_a_checkpoint_is_named_and_not_cached(server, r
     with pytest.raises(CheckpointError, match=f"{url} is not a PyTorch checkpoint: it holds an HTML page of "
                        r"2.3 kB \(a login or error page in place of the file\?\). Nothing was cached"):
         create_model("resnet18_ssl", weights=url, progress=False)
-    assert cached(torch_home) == []
+    assert cached_names(torch_home) == []
     server.serve(resnet18_checkpoint, "model.pth")  # the server now answers properly
     assert create_model("resnet18_ssl", weights=url, progress=False).pretrained_cfg["head"] == "pretrained"
 
@@ -92,18 +87,11 @@ def test_a_file_that_is_not_a_checkpoint_is_called_so(tmp_path, content, what):
 
 def test_a_code_running_pickle_fetched_by_url_does_not_stay_in_the_cache(server, tmp_path, torch_home):
     marker = tmp_path / "code-ran"
-
-    class Exploit:
-        def __reduce__(self):
-            return os.mkdir, (str(marker),)
-
-    evil = tmp_path / "evil.pth"
-    torch.save({"fc.weight": torch.zeros(1), "x": Exploit()}, evil, _use_new_zipfile_serialization=False)
-    url = server.serve(tmp_path / "evil.pth")
+    url = server.serve(save_code_running_pickle(tmp_path / "evil.pth", marker))
     with pytest.raises(CheckpointError, match=f"refused to load {url}: .*could run code when unpickled; it was "
                        "removed from the cache"):
         create_model("resnet18_ssl", weights=url, progress=False)
-    assert not marker.exists() and cached(torch_home) == []
+    assert not marker.exists() and cached_names(torch_home) == []
 
 
 def test_a_cached_file_is_hashed_again_only_when_it_changes(cached_resnet18, monkeypatch):
@@ -132,7 +120,7 @@ def test_the_remedy_for_a_damaged_cached_file_is_quoted_for_the_shell(server, re
     name = "w;touch${IFS}pwned;$(touch${IFS}pwned2)`touch${IFS}pwned3`.pth"
     url = server.serve(resnet18_checkpoint, name)
     create_model("resnet18_ssl", weights=url, progress=False)
-    [cached_name] = cached(torch_home)
+    [cached_name] = cached_names(torch_home)
     path = torch_home / "hub" / "checkpoints" / cached_name
     path.write_bytes(path.read_bytes()[:100_000])  # damaged after download
     with pytest.raises(CheckpointError, match="could not read the checkpoint") as error:

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from models import WEIGHTS, create_model
-from utils.checkpoint import RECORDS, CheckpointError, hash_prefix
+from utils.checkpoint import CheckpointError, hash_prefix
 
-from .conftest import REPO, random_state_dict, save_legacy, sha256
+from .conftest import REPO, cached_names, random_state_dict, save_code_running_pickle, save_legacy, sha256
 
 X = torch.randn(2, 3, 64, 64)
 
@@ -24,15 +24,10 @@ def reference(checkpoint_path, entry="resnet18_ssl", **kwargs):
     return model
 
 
-def cached(torch_home):
-    directory = torch_home / "hub" / "checkpoints"
-    return sorted(p.name for p in directory.iterdir() if p.name != RECORDS) if directory.exists() else []
-
-
 def test_download_into_torch_home_verified_then_offline(server, resnet18_checkpoint, torch_home):
     url = server.serve(resnet18_checkpoint)
     model = create_model("resnet18_ssl", weights=url, progress=False)
-    assert cached(torch_home) == [resnet18_checkpoint.name]
+    assert cached_names(torch_home) == [resnet18_checkpoint.name]
     assert sha256(torch_home / "hub/checkpoints" / resnet18_checkpoint.name) == sha256(resnet18_checkpoint)
     with torch.no_grad():
         torch.testing.assert_close(model(X), reference(resnet18_checkpoint)(X), rtol=0, atol=0)
@@ -72,26 +67,26 @@ def test_hash_mismatch_names_url_expected_and_actual_and_caches_nothing(server, 
     actual = sha256(resnet18_checkpoint)[:8]
     with pytest.raises(CheckpointError, match=f"SHA-256 mismatch for {url}: expected .*0123abcd, got {actual}"):
         create_model("resnet18_ssl", weights=url)
-    assert cached(torch_home) == []
+    assert cached_names(torch_home) == []
 
 
 def test_http_404_is_a_clear_error_and_caches_nothing(server, torch_home):
     url = server.url + "missing-0123abcd.pth"
     with pytest.raises(CheckpointError, match=f"could not download {url}: HTTP 404.*weights=<its path>"):
         create_model("resnet18_ssl", weights=url)
-    assert cached(torch_home) == []
+    assert cached_names(torch_home) == []
 
 
 def test_weights_file_url_is_read_in_place_not_copied_into_the_cache(resnet18_checkpoint, torch_home):
     model = create_model("resnet18_ssl", weights=resnet18_checkpoint.as_uri())
-    assert cached(torch_home) == []
+    assert cached_names(torch_home) == []
     torch.testing.assert_close(model(X), reference(resnet18_checkpoint)(X), rtol=0, atol=0)
 
 
 def test_weights_local_path_is_used_in_place_and_hash_checked(resnet18_checkpoint, tmp_path, torch_home):
     model = create_model("resnet18_ssl", weights=resnet18_checkpoint)
     torch.testing.assert_close(model(X), reference(resnet18_checkpoint)(X), rtol=0, atol=0)
-    assert cached(torch_home) == [] and model.pretrained_cfg["source"] == str(resnet18_checkpoint)
+    assert cached_names(torch_home) == [] and model.pretrained_cfg["source"] == str(resnet18_checkpoint)
 
     bad = tmp_path / "resnet18-0123abcd.pth"
     shutil.copyfile(resnet18_checkpoint, bad)
@@ -160,13 +155,7 @@ def test_damaged_cached_file_names_the_file_and_the_remedy(resnet18_checkpoint, 
 
 def test_a_pickle_that_would_run_code_is_refused_without_running_it(tmp_path):
     marker = tmp_path / "code-ran"
-
-    class Exploit:
-        def __reduce__(self):
-            return os.mkdir, (str(marker),)
-
-    path = tmp_path / "evil.pth"
-    torch.save({"fc.weight": torch.zeros(1), "payload": Exploit()}, path, _use_new_zipfile_serialization=False)
+    path = save_code_running_pickle(tmp_path / "evil.pth", marker)
     with pytest.raises(CheckpointError, match="refused to load .*evil.pth"):
         create_model("resnet18_ssl", weights=path)
     assert not marker.exists()
@@ -196,7 +185,7 @@ def test_mirror_variable_replaces_the_published_base_url(server, resnet18_checkp
     expected_source = (server.root / name).as_uri() if as_directory else server.url + name
     assert model.pretrained_cfg["source"] == expected_source
     assert model.pretrained_cfg["url"].startswith("https://dl.fbaipublicfiles.com/")  # the published address
-    assert cached(torch_home) == ([] if as_directory else [name])  # a directory's file is read where it is
+    assert cached_names(torch_home) == ([] if as_directory else [name])  # a directory's file is read where it is
     torch.testing.assert_close(model(X), reference(resnet18_checkpoint)(X), rtol=0, atol=0)
 
 
@@ -206,7 +195,7 @@ def test_mirror_file_is_hash_checked_against_the_registry(server, resnet18_check
     monkeypatch.setenv("SEMI_SUPERVISED_WEIGHTS_MIRROR", server.url)
     with pytest.raises(CheckpointError, match=f"mismatch for {server.url}{name}: expected .*d92f0530"):
         create_model("resnet18_ssl")
-    assert cached(torch_home) == []
+    assert cached_names(torch_home) == []
 
 
 def test_mirror_that_is_not_a_url(monkeypatch):

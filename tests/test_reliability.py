@@ -23,9 +23,9 @@ import torch
 
 from models import WEIGHTS, create_model
 from utils import cache as cache_command
-from utils.checkpoint import RECORDS, CheckpointError
+from utils.checkpoint import CheckpointError
 
-from .conftest import REPO
+from .conftest import REPO, cached_names
 
 
 class FaultyServer:
@@ -98,11 +98,6 @@ def faulty(resnet18_checkpoint):
     server.httpd.shutdown()
 
 
-def cache_files(torch_home: Path) -> list[str]:
-    directory = torch_home / "hub" / "checkpoints"
-    return sorted(p.name for p in directory.iterdir() if p.name != RECORDS) if directory.exists() else []
-
-
 @pytest.mark.parametrize("mode, message", [
     ("drop", r"the connection closed after [\d,]+ of [\d,]+ bytes"),
     ("stall", r"no data for 1 s \(set SEMI_SUPERVISED_DOWNLOAD_TIMEOUT to wait longer\)"),
@@ -117,16 +112,16 @@ def test_a_failed_download_says_why_caches_nothing_and_the_next_attempt_succeeds
     with pytest.raises(CheckpointError, match=rf"could not download {url}: {message}\. Nothing was cached; try again"):
         create_model("resnet18_ssl", weights=url, progress=False)
     assert time.monotonic() - start < 3  # a stalled server costs the timeout, not forever
-    assert cache_files(torch_home) == []  # no partial file, no corrupt file
+    assert cached_names(torch_home) == []  # no partial file, no corrupt file
     model = create_model("resnet18_ssl", weights=url, progress=False)
-    assert model.pretrained_cfg["source"] == url and cache_files(torch_home) == [resnet18_checkpoint.name]
+    assert model.pretrained_cfg["source"] == url and cached_names(torch_home) == [resnet18_checkpoint.name]
 
 
 def test_a_redirect_is_followed(faulty, resnet18_checkpoint, torch_home):
     url = f"{faulty.url}/redirect/1/{resnet18_checkpoint.name}"
     create_model("resnet18_ssl", weights=url, progress=False)
     assert faulty.requests == [f"/redirect/1/{resnet18_checkpoint.name}", f"/ok/0/{resnet18_checkpoint.name}"]
-    assert cache_files(torch_home) == [resnet18_checkpoint.name]
+    assert cached_names(torch_home) == [resnet18_checkpoint.name]
 
 
 @pytest.mark.parametrize("variable, value, expected", [
@@ -155,7 +150,7 @@ def test_a_trickling_server_fails_in_bounded_time_naming_the_rate_and_the_variab
                        r"SEMI_SUPERVISED_DOWNLOAD_MIN_RATE to accept slower downloads"):
         create_model("resnet18_ssl", weights=url, progress=False)
     assert time.monotonic() - start < 5
-    assert cache_files(torch_home) == []
+    assert cached_names(torch_home) == []
 
 
 def wait_for(condition, seconds: float = 60):
@@ -184,14 +179,14 @@ def test_a_killed_download_leaves_nothing_behind_and_a_live_one_is_left_alone(
     finally:
         loader.send_signal(signal_)
         loader.wait(timeout=60)
-    assert cache_files(torch_home) == sorted([partials()[0].name, f".{name}.lock"])  # what the kill left
+    assert cached_names(torch_home) == sorted([partials()[0].name, f".{name}.lock"])  # what the kill left
     assert cache_command.main(["list"]) == 0 and "(left over)" in capsys.readouterr().out
     if then == "load":  # the next download, holding the lock, knows the partial file is stale
         create_model("resnet18_ssl", weights=f"{faulty.url}/ok/0/{name}", progress=False)
-        assert cache_files(torch_home) == [name]
+        assert cached_names(torch_home) == [name]
     else:
         assert cache_command.main(["clear"]) == 0
-        assert cache_files(torch_home) == []
+        assert cached_names(torch_home) == []
 
 
 def test_processes_loading_the_same_missing_checkpoint_share_one_download(faulty, resnet18_checkpoint, torch_home):
@@ -204,7 +199,7 @@ def test_processes_loading_the_same_missing_checkpoint_share_one_download(faulty
     assert all(code == 0 for code, _ in results), results
     assert faulty.requests == [f"/slow/0/{resnet18_checkpoint.name}"]  # one download, the others waited for it
     assert sum("Downloading:" in err for _, err in results) == 1
-    assert cache_files(torch_home) == [resnet18_checkpoint.name]
+    assert cached_names(torch_home) == [resnet18_checkpoint.name]
 
 
 def refused_url() -> str:
