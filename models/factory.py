@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .registry import MIRROR_ENV, WEIGHTS, WeightSet
+from . import finetuned
+from .registry import ARCHS, MIRROR_ENV, WEIGHTS, WeightSet
 from .resnet import BLOCKS, STAGES, ResNet, ResNetFeatures
 
 try:  # imported through hubconf.py's private package name
@@ -28,7 +29,7 @@ TORCHVISION_KWARGS = ("zero_init_residual", "groups", "width_per_group", "replac
 
 
 def create_model(entry: str, *, pretrained: bool = True, progress: bool = True,
-                 weights: str | os.PathLike | None = None, num_classes: int = 1000, features_only: bool = False,
+                 weights: str | os.PathLike | None = None, num_classes: int | None = None, features_only: bool = False,
                  out_indices: Sequence[int] | None = None, **kwargs) -> nn.Module:
     """The model of ``entry`` (e.g. "resnet50_swsl"); see ``torch.hub.help`` for the arguments."""
     if entry not in WEIGHTS:
@@ -44,10 +45,15 @@ def create_model(entry: str, *, pretrained: bool = True, progress: bool = True,
     if weights is not None and not pretrained:
         raise ValueError(f"weights={weights!r} was given with pretrained=False: pass one or the other")
 
-    origin = None
+    origin, description = None, None
     if pretrained:  # fetch first, so that a failed download costs no model construction
         path, origin = _checkpoint(weight_set, weights, progress)
-        state_dict = checkpoint.load_state_dict(path, origin)
+        state_dict, description = checkpoint.load_checkpoint(path, origin)
+        if description is not None:
+            description = finetuned.check(description, origin)
+            num_classes = _fit_description(entry, description, num_classes, features_only, origin)
+    if num_classes is None:
+        num_classes = 1000
 
     # Weights that the checkpoint overwrites are never initialised: on the meta device they are not
     # even allocated, and load_into then assigns the checkpoint's tensors in their place.
@@ -66,16 +72,72 @@ def create_model(entry: str, *, pretrained: bool = True, progress: bool = True,
         skip = ("fc.",) if new_head or features_only else ()
         if features_only:
             skip += tuple(f"{stage}." for stage in STAGES[max(out_indices) + 1:])
-        checkpoint.load_into(model, state_dict, origin=origin, target=f"{entry} ({weight_set.arch.title})", skip=skip)
+        target = f"{entry} ({weight_set.arch.title})"
+        try:
+            checkpoint.load_into(model, state_dict, origin=origin, target=target, skip=skip)
+        except checkpoint.CheckpointError as e:
+            raise checkpoint.CheckpointError(_name_the_fit(str(e), entry, state_dict, origin, target)) from None
         del state_dict
         if new_head and num_classes:
             model.fc = nn.Linear(model.num_features, num_classes)
             logger.warning("%s: pretrained backbone with a new, randomly initialised %d-class head (fc); "
                            "train it before use", entry, num_classes)
 
-    model.pretrained_cfg = {**weight_set.config(), "pretrained": pretrained, "source": origin, "head": head}
+    cfg = {**weight_set.config(), "pretrained": pretrained, "source": origin, "head": head}
+    if description is not None:
+        cfg.update(description, metrics={"finetuning_val": description.get("finetuning", {}).get("result", {})})
+    if features_only or num_classes != cfg["num_classes"]:  # a head of its own: no ImageNet names on it
+        cfg.update(num_classes=0 if features_only else num_classes, classes=None, wnids=None)
+    model.pretrained_cfg = cfg
     model.preprocess = Preprocess.from_config(model.pretrained_cfg)
     return model.eval()
+
+
+def weights_description(weights: str | os.PathLike) -> dict | None:
+    """What a fine-tuned ``weights`` file says of itself (see ``models.finetuned``), or None for a plain
+    state dict; read without loading its tensors, so that the commands can default ``--model`` to it."""
+    path, origin = _checkpoint(None, weights, progress=True)
+    description = checkpoint.read_description(path)
+    return None if description is None else finetuned.check(description, origin)
+
+
+def _fit_description(entry: str, description: dict, num_classes: int | None, features_only: bool,
+                     origin: str) -> int | None:
+    """The head size to build for a fine-tuned file; ValueError where the arguments contradict it."""
+    if description["entry"] != entry:
+        raise ValueError(f"{origin} holds {finetuned.summary(description)}, not {entry}: load it with the entry "
+                         f"{description['entry']} (--model {description['entry']})")
+    if features_only or num_classes == 0:  # its backbone alone
+        return num_classes
+    if num_classes is not None and num_classes != description["num_classes"]:
+        raise ValueError(f"{origin} holds {finetuned.summary(description)}; num_classes={num_classes} (--num-classes "
+                         f"{num_classes} on the command line) contradicts it: leave it out")
+    return description["num_classes"]
+
+
+def _name_the_fit(message: str, entry: str, state_dict: dict, origin: str, target: str) -> str:
+    """The error of a checkpoint that does not fit ``entry``, naming the entries it does fit."""
+    fits = [name for name, w in WEIGHTS.items() if w.arch.name in _fitting_archs(state_dict)]
+    if not fits or entry in fits:
+        return message
+    arch = WEIGHTS[fits[0]].arch.title
+    return (f"{origin} does not fit {target}: it holds a {arch}; load it with {' or '.join(fits)} "
+            f"(--model {fits[0]})")
+
+
+def _fitting_archs(state_dict: dict) -> set[str]:
+    """The architectures whose backbone has exactly the checkpoint's keys and shapes (built on the meta device)."""
+    fc = state_dict.get("fc.weight")
+    fits = set()
+    for arch in ARCHS.values():
+        with torch.device("meta"):
+            model = ResNet(BLOCKS[arch.block], arch.layers, num_classes=0 if fc is None else fc.shape[0],
+                           groups=arch.groups, width_per_group=arch.width_per_group)
+        expected = {k: v.shape for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+        given = {k: v.shape for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
+        if expected == given:
+            fits.add(arch.name)
+    return fits
 
 
 def entry(name: str) -> Callable[..., nn.Module]:
@@ -105,8 +167,8 @@ def published_url(weight_set: WeightSet) -> str:
     return base.rstrip("/") + "/" + weight_set.file_name
 
 
-def _checkpoint(weight_set: WeightSet, weights: str | os.PathLike | None, progress: bool) -> tuple[Path, str]:
-    """The local path of the checkpoint to load, and where it came from."""
+def _checkpoint(weight_set: WeightSet | None, weights: str | os.PathLike | None, progress: bool) -> tuple[Path, str]:
+    """The local path of the checkpoint to load (``weights``, else ``weight_set``'s), and where it came from."""
     if weights is None:
         url = published_url(weight_set)
         remedy = f"; set {MIRROR_ENV} to a mirror's base URL or directory"
@@ -145,6 +207,8 @@ def _check_flags(entry: str, **flags) -> None:
 
 
 def _check_num_classes(num_classes, features_only: bool) -> None:
+    if num_classes is None:
+        return
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
         raise ValueError(f"num_classes must be a whole number >= 0 (0 for pooled features), got {num_classes!r}")
     if features_only and num_classes != 1000:

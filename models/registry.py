@@ -108,8 +108,10 @@ Args (keyword-only):
     progress=True: show a progress bar while downloading.
     weights=None: a checkpoint path or http(s)/file URL to load instead; a -<sha256 prefix> name is verified.
         ${MIRROR_ENV}, if set, is a base URL to fetch the published file from.
-    num_classes=1000: another number puts a new random head on the pretrained backbone (or loads the
-        head of a weights= file of that size); 0 returns the pooled {self.arch.num_features}-d features.
+    num_classes=None: the head of the weights (1000 ImageNet classes; a file saved by python -m
+        utils.finetune brings its own head, class names and input size). Another number puts a new
+        random head on the pretrained backbone (or loads the head of a weights= file of that size);
+        0 returns the pooled {self.arch.num_features}-d features.
     features_only=False, out_indices=(1, 2, 3, 4): return the feature maps of the stem and layer1-4
         (strides 2, 4, 8, 16, 32) instead of logits.
     zero_init_residual, replace_stride_with_dilation, norm_layer: as torchvision's ResNet.

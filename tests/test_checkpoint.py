@@ -138,10 +138,18 @@ def test_keys_that_do_not_fit_are_listed(tmp_path):
     assert "wrong shapes (1): fc.weight: (10, 512) in the file, (1000, 512) in the model" in message
 
 
-def test_checkpoint_of_another_architecture(resnet18_checkpoint):
-    match = r"does not fit resnet50_ssl \(ResNet-50\): missing keys \(198\).*wrong shapes \(24\)"
+def test_checkpoint_of_another_architecture_names_the_entries_it_fits(resnet18_checkpoint, tmp_path):
+    match = (r"does not fit resnet50_ssl \(ResNet-50\): it holds a ResNet-18; load it with resnet18_ssl or "
+             r"resnet18_swsl \(--model resnet18_ssl\)$")
     with pytest.raises(CheckpointError, match=match):
         create_model("resnet50_ssl", weights=resnet18_checkpoint)
+    # One that fits no architecture gets the keys and shapes that differ.
+    state_dict = torch.load(resnet18_checkpoint, weights_only=True)
+    del state_dict["layer4.1.bn2.running_var"]
+    torch.save(state_dict, tmp_path / "partial.pth")
+    match = r"does not fit resnet50_ssl \(ResNet-50\): missing keys \(199\).*wrong shapes \(24\).*same architecture$"
+    with pytest.raises(CheckpointError, match=match):
+        create_model("resnet50_ssl", weights=tmp_path / "partial.pth")
 
 
 def test_damaged_cached_file_names_the_file_and_the_remedy(resnet18_checkpoint, torch_home):

@@ -229,14 +229,15 @@ def test_evaluate_limit_and_data_only(model_and_weights, val_dir, capsys):
 
 def test_evaluate_refuses_folders_that_are_not_imagenet_ids(model_and_weights, tmp_path, capsys):
     _, weights = model_and_weights
+    root = tmp_path / "val"  # not tmp_path itself, which holds the test's torch.hub cache
     for name in ("cats", "dogs"):
-        (tmp_path / name).mkdir()
-        noise(64, 64).save(tmp_path / name / "a.png")
-    status, _, err = run_evaluate(capsys, str(tmp_path), "--weights", weights)
+        (root / name).mkdir(parents=True)
+        noise(64, 64).save(root / name / "a.png")
+    status, _, err = run_evaluate(capsys, str(root), "--weights", weights)
     assert status == 2 and "2 folder(s) are not ImageNet-1k WordNet ids (cats, dogs)" in err
-    status, _, err = run_evaluate(capsys, str(tmp_path), "--weights", weights, "--num-classes", "2")
+    status, _, err = run_evaluate(capsys, str(root), "--weights", weights, "--num-classes", "2")
     assert status == 2 and "has no trained 2-class head" in err  # its head has 1000 classes
-    status, _, err = run_evaluate(capsys, str(tmp_path), "--num-classes", "2")
+    status, _, err = run_evaluate(capsys, str(root), "--num-classes", "2")
     assert status == 2 and "--num-classes needs --weights" in err
 
 

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from . import backends
 from .hardware import describe_cpu
-from .inference import DTYPES, batch_size_value, count, device_name, pick_device, positive
+from .inference import DTYPES, batch_size_value, count, device_name, img_size_value, pick_device, positive
 from .optimize import optimize_for_inference
 
 try:  # imported through hubconf.py's private package name
@@ -136,7 +136,7 @@ def relative_error(got, expected) -> float:
 
 def benchmark(entries: list[str], batch_sizes: list[int], dtypes: list[str], channels_last: bool, compile: bool,
               device: torch.device, warmup: int, repeats: int, progress: bool = True,
-              peers: list[str] = ()) -> list[Row]:
+              peers: list[str] = (), img_size: int = 224) -> list[Row]:
     # The matrix multiplies run in the same rounds as the models, so that they see the same machine.
     matmuls = {f"{path} {name}": f for name in dict.fromkeys(["float32", *dtypes])
                for path, f in matmul_functions(device, DTYPES[name]).items()}
@@ -153,7 +153,7 @@ def benchmark(entries: list[str], batch_sizes: list[int], dtypes: list[str], cha
         bar.set_postfix_str(f"{entry}: preparing")
         models = {v: build(eager, *v, channels_last) for v in runs}
         for batch_size in batch_sizes:
-            x = torch.randn(batch_size, 3, 224, 224, device=device)
+            x = torch.randn(batch_size, 3, img_size, img_size, device=device)
             bar.set_postfix_str(f"{entry} batch {batch_size}")
             with torch.inference_mode():
                 expected = eager(x)
@@ -221,7 +221,7 @@ def markdown(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[Row], path: str, title: str) -> None:
+def plot(rows: list[Row], path: str, title: str, img_size: int = 224) -> None:
     """Measured top-1 against images/s at the largest batch size: a line per entry through its variants."""
     try:
         import matplotlib
@@ -244,7 +244,7 @@ def plot(rows: list[Row], path: str, title: str) -> None:
     ax.set_xscale("log")
     low = min(r.images_per_second for r in rows)
     ax.set_xlim(low / 4, max(r.images_per_second for r in rows) * 1.3)
-    ax.set_xlabel(f"images/s (batch {batch_size}, 224x224)")
+    ax.set_xlabel(f"images/s (batch {batch_size}, {img_size}x{img_size})")
     ax.set_ylabel("ImageNet-1k val top-1 (%), measured")
     ax.set_title(title, fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
@@ -298,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also measure ONNX Runtime and OpenVINO (those installed) and backend='auto' (CPU)")
     parser.add_argument("--device", type=device_name, default="auto",
                         help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    parser.add_argument("--img-size", type=img_size_value, default=224, metavar="N",
+                        help="height and width of the input (default 224), e.g. a fine-tuned model's")
     parser.add_argument("--warmup", type=count, default=2, help="untimed rounds first (default 2)")
     parser.add_argument("--repeats", type=positive, default=7, help="timed rounds (default 7)")
     output = parser.add_mutually_exclusive_group()
@@ -320,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         device = pick_device(args.device)
         peers = pick_peers(device) if args.peers else []
         rows = benchmark(entries, args.batch_sizes, args.dtype, args.channels_last, args.compile, device,
-                         args.warmup, args.repeats, peers=peers)
+                         args.warmup, args.repeats, peers=peers, img_size=args.img_size)
     except (ValueError, ImportError) as e:  # a device, precision or runtime this machine does not have
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -333,9 +335,9 @@ def main(argv: list[str] | None = None) -> int:
         writer.writeheader()
         writer.writerows({**asdict(row), "device": machine} for row in rows)
     else:
-        print(f"{machine}; median of {args.repeats} rounds\n\n{markdown(rows)}")
+        print(f"{machine}; {args.img_size}x{args.img_size} images, median of {args.repeats} rounds\n\n{markdown(rows)}")
     if args.plot:
-        plot(rows, args.plot, machine)
+        plot(rows, args.plot, machine, args.img_size)
         print(f"plot written to {args.plot}", file=sys.stderr)
     return 0
 

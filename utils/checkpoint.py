@@ -35,6 +35,7 @@ URL_SCHEMES = ("http", "https", "file")
 HASH_SUFFIX = re.compile(r"-([0-9a-f]{8,64})\.[^./-]+$")
 CACHE_COMMAND = "python -m utils.cache"
 NAME_LIMIT = 200  # bytes; ".<name>.<uuid>.partial" must stay within the usual 255
+DESCRIPTION = "pretrained_cfg"  # beside the state dict in a fine-tuned file: what it holds (models/finetuned.py)
 RECORDS = ".verified.json"  # in the cache directory: {path: {"stat": [...], "sha256": ...}}
 # The first bytes of the two formats torch.save writes: a zip archive, or (before 1.6, and the
 # published files) a pickle that starts with torch's magic number.
@@ -261,6 +262,12 @@ def load_state_dict(path: Path, origin: str | None = None) -> dict[str, Tensor]:
     Training checkpoints that keep it under "state_dict" or "model", and keys saved with a DataParallel
     "module." prefix, are unwrapped. Tensors must be dense, real and finite.
     """
+    return load_checkpoint(path, origin)[0]
+
+
+def load_checkpoint(path: Path, origin: str | None = None) -> tuple[dict[str, Tensor], object]:
+    """``load_state_dict``'s state dict, and what the file says of itself beside it under
+    "pretrained_cfg" (a fine-tuned file's description; None if there is none), unchecked."""
     origin = origin or str(path)
     cached = in_cache(path)
     is_zip = check_format(path, origin)
@@ -279,6 +286,7 @@ def load_state_dict(path: Path, origin: str | None = None) -> dict[str, Tensor]:
         raise CheckpointError(_unreadable(path, origin, e)) from e
     except Exception as e:
         raise CheckpointError(_unreadable(path, origin, e)) from e
+    description = obj.get(DESCRIPTION) if isinstance(obj, dict) else None
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -301,7 +309,19 @@ def load_state_dict(path: Path, origin: str | None = None) -> dict[str, Tensor]:
                   else "The file is damaged, or the training that wrote it diverged")
         raise CheckpointError(f"{origin} holds NaN or infinite values in {_some(bad)}. {remedy}")
     # Models are float32; a half-precision file is widened once here rather than on every forward.
-    return {k: v.float() if v.is_floating_point() else v for k, v in obj.items()}
+    return {k: v.float() if v.is_floating_point() else v for k, v in obj.items()}, description
+
+
+def read_description(path: Path) -> object:
+    """What a checkpoint says of itself under "pretrained_cfg" (None if nothing), without reading its
+    tensors: they are memory-mapped and released at once. Only the zip format can say anything."""
+    try:
+        if not check_format(path, str(path)):
+            return None
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001  (loading proper reports what is wrong with the file)
+        return None
+    return obj.get(DESCRIPTION) if isinstance(obj, dict) else None
 
 
 def _some(names: list[str], n: int = 8) -> str:

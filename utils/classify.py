@@ -1,7 +1,7 @@
 """Classify images with one of the twelve models.
 
     python -m utils.classify [PATH ...] [--model ENTRY] [--weights FILE_OR_URL] [--topk 5] [--json]
-    python -m utils.classify [PATH ...] --weights OUT/best.pth --classes OUT/classes.txt   # fine-tuned
+    python -m utils.classify [PATH ...] --weights OUT/best.pth   # fine-tuned: its entry, classes and size
 
 PATHs are image files, directories (searched recursively) or glob patterns; with none, the bundled
 sample photos are classified. A file that cannot be read is reported with its reason and the others
@@ -26,6 +26,8 @@ from .inference import (
     add_model_arguments,
     batches,
     check_dtype,
+    contradiction,
+    describe_weights,
     in_command_terms,
     load_model,
     pick_device,
@@ -76,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("paths", nargs="*", metavar="PATH", help="image files, directories or glob patterns")
     parser.add_argument("--topk", type=positive, default=5, help="how many classes to show (default 5)")
     parser.add_argument("--classes", type=Path, metavar="FILE",
-                        help="a fine-tuned model's class names, one per line, with --weights (python -m "
-                             "utils.finetune writes OUT/classes.txt)")
+                        help="the class names, one per line, of --weights that do not carry theirs (a file "
+                             "saved by python -m utils.finetune does)")
     add_model_arguments(parser, batch_size=16)
     args = parser.parse_args(argv)
     if args.classes is not None and args.no_pretrained:
@@ -97,8 +99,12 @@ def main(argv: list[str] | None = None) -> int:
         own = read_classes(args.classes) if args.classes is not None else None
         device = pick_device(args.device, args.backend)
         check_dtype(args.dtype, device)
-        model = load_model(args.model, args.weights, device, num_classes=len(own) if own else 1000, dtype=args.dtype,
-                           backend=args.backend, pretrained=not args.no_pretrained)
+        description = describe_weights(args)
+        if own and description and own != description["classes"]:
+            raise contradiction(f"--classes {args.classes}", args.weights, description)
+        model = load_model(args.model, args.weights, device, num_classes=len(own) if own and not description else None,
+                           dtype=args.dtype, backend=args.backend, pretrained=not args.no_pretrained,
+                           img_size=args.img_size)
         if own and model.pretrained_cfg["head"] != "pretrained":
             raise ValueError(f"--weights {args.weights} has no trained {len(own)}-class head for --classes "
                              f"{args.classes}: give the best.pth of the same fine-tuning run")

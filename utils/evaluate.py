@@ -1,13 +1,16 @@
 """Top-1 and top-5 accuracy on an ImageFolder-layout dataset, on one process or many (torchrun).
 
     python -m utils.evaluate DIR [--model ENTRY] [--weights FILE_OR_URL] [--limit N] [--json]
+    python -m utils.evaluate DIR --weights OUT/best.pth   # fine-tuned: its entry, classes and size
     torchrun --nproc_per_node 8 -m utils.evaluate DIR ...
 
 DIR holds one folder per class, named by its ImageNet-1k WordNet id (DIR/n01440764/*.JPEG, ...),
-as the validation set is usually laid out. For a model with its own classes, pass --num-classes N
-and --weights: the sorted folders are then its classes 0..N-1. Under torchrun every process takes
-every WORLD_SIZE-th image, so none is counted twice or left out, and the counts are summed: the
-result is the single-process result. --data-only measures the decoding pipeline without the model.
+as the validation set is usually laid out. A model fine-tuned by python -m utils.finetune knows its
+classes: --weights OUT/best.pth alone, with folders named by its classes. For other weights with a
+head of their own, pass --num-classes N: the sorted folders are then its classes 0..N-1. Under
+torchrun every process takes every WORLD_SIZE-th image, so none is counted twice or left out, and
+the counts are summed: the result is the single-process result. --data-only measures the decoding
+pipeline without the model.
 """
 from __future__ import annotations
 
@@ -31,7 +34,10 @@ from .inference import (
     add_model_arguments,
     batches,
     check_dtype,
+    contradiction,
+    describe_weights,
     in_command_terms,
+    input_config,
     load_model,
     pick_device,
     positive,
@@ -40,14 +46,24 @@ from .inference import (
 from .preprocess import Preprocess
 
 
-def image_folder(root: Path, num_classes: int | None) -> list[tuple[Path, int]]:
-    """(file, label) for every image under ``root``/<class folder>/, in sorted order."""
+def image_folder(root: Path, num_classes: int | None, classes: list[str] | None = None) -> list[tuple[Path, int]]:
+    """(file, label) for every image under ``root``/<class folder>/, in sorted order. Folders are named by
+    the model's ``classes`` where it has its own names, else by ImageNet-1k WordNet id, or are its
+    classes 0..N-1 in sorted order with ``num_classes``."""
     if not root.is_dir():
         raise ValueError(f"{root} is not a directory")
     folders = sorted(d for d in root.iterdir() if d.is_dir())
     if not folders:
-        raise ValueError(f"{root} has no class folders: lay the images out as {root}/<WordNet id>/<image>")
-    if num_classes is None:
+        raise ValueError(f"{root} has no class folders: lay the images out as {root}/<class>/<image>")
+    if classes is not None:
+        index = {name: i for i, name in enumerate(classes)}
+        unknown = [d.name for d in folders if d.name not in index]
+        if unknown:
+            raise ValueError(f"{root}: {len(unknown)} folder(s) are not classes of --weights "
+                             f"({', '.join(unknown[:5])}{', ...' if len(unknown) > 5 else ''}); its classes are "
+                             f"{', '.join(classes[:8])}{', ...' if len(classes) > 8 else ''}")
+        labels = [index[d.name] for d in folders]
+    elif num_classes is None:
         index = {wnid: i for i, wnid in enumerate(wordnet_ids())}
         unknown = [d.name for d in folders if d.name not in index]
         if unknown:
@@ -102,7 +118,12 @@ def evaluate(args: argparse.Namespace) -> int:
                          "1000 ImageNet classes")
     device = pick_device(args.device, args.backend)
     check_dtype(args.dtype, device)
-    samples = evenly(image_folder(args.root, args.num_classes), args.limit)
+    description = describe_weights(args)
+    if description and args.num_classes not in (None, description["num_classes"]):
+        raise contradiction(f"--num-classes {args.num_classes}", args.weights, description)
+    classes = description["classes"] if description else None
+    num_classes = description["num_classes"] if description else args.num_classes or 1000
+    samples = evenly(image_folder(args.root, args.num_classes, classes), args.limit)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:  # started by torchrun: one process per device
         if device.type == "cuda":
@@ -111,18 +132,19 @@ def evaluate(args: argparse.Namespace) -> int:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
     if args.data_only:
-        model, preprocess = None, Preprocess.from_config(WEIGHTS[args.model].config())
+        model = None
+        preprocess = Preprocess.from_config(input_config(description or WEIGHTS[args.model].config(), args.img_size))
     else:
         if world > 1 and rank != 0:
             dist.barrier()  # rank 0 downloads the checkpoint first; the others then read it from the cache
         try:
-            model = load_model(args.model, args.weights, device, num_classes=args.num_classes or 1000,
-                               dtype=args.dtype, backend=args.backend, pretrained=not args.no_pretrained)
+            model = load_model(args.model, args.weights, device, num_classes=args.num_classes, dtype=args.dtype,
+                               backend=args.backend, pretrained=not args.no_pretrained, img_size=args.img_size)
         finally:
             if world > 1 and rank == 0:
                 dist.barrier()  # also when loading failed: the others then fail with the same error, not hang
         if model.pretrained_cfg["head"] != "pretrained" and not args.no_pretrained:
-            raise ValueError(f"{args.weights} has no trained {args.num_classes}-class head to evaluate")
+            raise ValueError(f"{args.weights} has no trained {num_classes}-class head to evaluate")
         preprocess = model.preprocess
 
     shard = samples[rank::world]
@@ -131,7 +153,7 @@ def evaluate(args: argparse.Namespace) -> int:
     loader = batches(ImageFiles([path for path, _ in shard], preprocess, strict=False), args.batch_size,
                      args.workers, device)
     counts = torch.zeros(3, dtype=torch.int64, device=device)  # top-1 hits, top-5 hits, images
-    k = min(5, args.num_classes or 1000)
+    k = min(5, num_classes)
     start = time.perf_counter()
     progress = tqdm(total=len(shard), unit="image", disable=rank != 0, file=sys.stderr,
                     desc=f"process 0 of {world}" if world > 1 else None)
@@ -152,11 +174,11 @@ def evaluate(args: argparse.Namespace) -> int:
         dist.all_reduce(counts)
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
     if rank == 0:
-        report(args, counts.tolist(), elapsed.item(), world)
+        report(args, counts.tolist(), elapsed.item(), world, num_classes)
     return 0
 
 
-def report(args: argparse.Namespace, counts: list[int], seconds: float, world: int) -> None:
+def report(args: argparse.Namespace, counts: list[int], seconds: float, world: int, num_classes: int) -> None:
     top1, top5, images = counts
     result = {"model": args.model, "weights": args.weights, "pretrained": not args.no_pretrained,
               "dataset": str(args.root), "images": images,
@@ -164,7 +186,7 @@ def report(args: argparse.Namespace, counts: list[int], seconds: float, world: i
               "dtype": args.dtype, "backend": args.backend}
     if not args.data_only:
         result.update(top1=100 * top1 / images, top1_correct=top1)
-        if (args.num_classes or 1000) > 5:  # with 5 classes or fewer, top-5 always holds the label: not a measure
+        if num_classes > 5:  # with 5 classes or fewer, top-5 always holds the label: not a measure
             result.update(top5=100 * top5 / images, top5_correct=top5)
     if args.json:
         print(json.dumps(result))

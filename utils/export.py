@@ -1,6 +1,7 @@
 """Export a model to TorchScript, torch.export or ONNX, and check the file against the eager model.
 
     python -m utils.export OUTPUT [--model ENTRY] [--weights FILE_OR_URL] [--num-classes N] [--features-only]
+    python -m utils.export OUTPUT --weights OUT/best.pth   # fine-tuned: its entry, head and size
 
 The format follows OUTPUT's suffix: ``.pt`` (TorchScript, for C++ and torch.jit.load), ``.pt2``
 (torch.export, for torch.export.load and AOTInductor) or ``.onnx`` (ONNX, for onnxruntime, TensorRT,
@@ -22,7 +23,15 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import CheckpointError
-from .inference import NO_PRETRAINED, add_weights_arguments, in_command_terms, positive, sample_photos
+from .inference import (
+    NO_PRETRAINED,
+    add_entry_arguments,
+    describe_weights,
+    in_command_terms,
+    positive,
+    sample_photos,
+    set_input_size,
+)
 
 try:  # imported through hubconf.py's private package name
     from ..models import WEIGHTS, create_model
@@ -160,10 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m utils.export", description=__doc__.split("\n\n")[0],
                                      epilog=f"entries: {', '.join(WEIGHTS)}")
     parser.add_argument("output", help="the file to write: NAME.pt (TorchScript), NAME.pt2 or NAME.onnx")
-    parser.add_argument("--model", default="resnet50_swsl", choices=list(WEIGHTS), metavar="ENTRY",
-                        help="one of the twelve entries (default: resnet50_swsl)")
-    add_weights_arguments(parser)
-    parser.add_argument("--num-classes", type=positive, default=1000, help="classes of --weights' head")
+    add_entry_arguments(parser)
+    parser.add_argument("--num-classes", type=positive,
+                        help="classes of --weights' head, for files that do not say it (default 1000)")
     parser.add_argument("--features-only", action="store_true", help="export the backbone's feature maps")
     args = parser.parse_args(argv)
     output = Path(args.output)
@@ -175,8 +183,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{args.output} is the --weights file: writing there would destroy it; choose another name")
 
     try:
+        describe_weights(args)
         model = create_model(args.model, pretrained=not args.no_pretrained, weights=args.weights,
                              num_classes=args.num_classes, features_only=args.features_only)
+        set_input_size(model, args.img_size)  # the size of the check on the sample photos
         path = export(model, args.output)
         error = check(model, path, sample_batch(model))
     except (ValueError, FileNotFoundError, CheckpointError) as e:

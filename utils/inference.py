@@ -15,22 +15,26 @@ from .checkpoint import URL_SCHEMES
 from .hardware import check_native
 from .images import ImageError
 from .optimize import BACKENDS, optimize_for_inference
+from .preprocess import Preprocess
 
 try:  # imported through hubconf.py's private package name
-    from ..models import WEIGHTS, create_model
+    from ..models import WEIGHTS, create_model, finetuned
+    from ..models.factory import weights_description
     from ..models.registry import imagenet1k_classes
+    from ..models.resnet import MIN_SIZE
 except ImportError:  # run from the repository root: python -m utils.classify
-    from models import WEIGHTS, create_model
+    from models import WEIGHTS, create_model, finetuned
+    from models.factory import weights_description
     from models.registry import imagenet1k_classes
+    from models.resnet import MIN_SIZE
 
 SAMPLES = Path(__file__).with_name("samples")
+DEFAULT_ENTRY = "resnet50_swsl"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, batch_size: int) -> None:
-    parser.add_argument("--model", default="resnet50_swsl", choices=list(WEIGHTS), metavar="ENTRY",
-                        help=f"one of the twelve entries (default: resnet50_swsl): {', '.join(WEIGHTS)}")
-    add_weights_arguments(parser)
+    add_entry_arguments(parser)
     parser.add_argument("--batch-size", type=batch_size_value, default=batch_size, help=f"default {batch_size}")
     parser.add_argument("--workers", type=count, default=min(8, os.cpu_count() or 1),
                         help="processes decoding images; 0 decodes in the main process (default: the CPU count, "
@@ -46,6 +50,42 @@ def add_model_arguments(parser: argparse.ArgumentParser, batch_size: int) -> Non
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
+def add_entry_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model, --weights (or --no-pretrained) and --img-size, as every command that loads a model takes them."""
+    parser.add_argument("--model", choices=list(WEIGHTS), metavar="ENTRY",
+                        help=f"one of the twelve entries (default: the one a fine-tuned --weights file was made from, "
+                             f"else {DEFAULT_ENTRY}): {', '.join(WEIGHTS)}")
+    add_weights_arguments(parser)
+    parser.add_argument("--img-size", type=img_size_value, metavar="N",
+                        help="input size, for --weights that do not say theirs (a file saved by utils.finetune does; "
+                             "default 224): resize to N / 0.875, centre-crop N")
+
+
+def describe_weights(args: argparse.Namespace) -> dict | None:
+    """What a fine-tuned --weights file says of itself (None for a plain state dict); --model defaults to its
+    entry, else to resnet50_swsl."""
+    description = weights_description(args.weights) if args.weights else None
+    if args.model is None:
+        args.model = description["entry"] if description else DEFAULT_ENTRY
+    if description and args.img_size not in (None, description["input_size"][-1]):
+        raise contradiction(f"--img-size {args.img_size}", args.weights, description)
+    return description
+
+
+def contradiction(option: str, weights: str, description: dict) -> ValueError:
+    """The error of an ``option`` (``--img-size 64``) that disagrees with a fine-tuned --weights file."""
+    return ValueError(f"{option} contradicts --weights {weights}, which holds {finetuned.summary(description)}: "
+                      f"leave {option.split()[0]} out")
+
+
+def input_config(cfg: dict, img_size: int | None) -> dict:
+    """``cfg`` with the input ``img_size`` (and the published crop fraction), or as it is for None."""
+    if img_size is None:
+        return cfg
+    resize = finetuned.resize_size(img_size, cfg["crop_pct"])
+    return {**cfg, "input_size": (3, img_size, img_size), "resize_size": resize}
+
+
 def sample_photos() -> list[Path]:
     """The bundled sample photos, in name order."""
     return sorted(SAMPLES.glob("*.[jp][pn]g"))
@@ -54,13 +94,13 @@ def sample_photos() -> list[Path]:
 NO_PRETRAINED = "random weights (--no-pretrained): the classes are meaningless"
 
 
-def add_weights_arguments(parser: argparse.ArgumentParser, start: str = "load") -> None:
+def add_weights_arguments(parser: argparse.ArgumentParser, start: str = "load",
+                          random: str = "random weights instead of the published ones: tries the command offline, "
+                                        "before the weights are there (results are then meaningless)") -> None:
     weights = parser.add_mutually_exclusive_group()
     weights.add_argument("--weights", type=weights_source,
                          help=f"a checkpoint path or URL to {start} instead of the published weights")
-    weights.add_argument("--no-pretrained", action="store_true",
-                         help="random weights instead of the published ones: tries the command offline, before "
-                              "the weights are there (results are then meaningless)")
+    weights.add_argument("--no-pretrained", action="store_true", help=random)
 
 
 # argparse types: a bad value ends the command with argparse's one-line error and exit status 2.
@@ -72,6 +112,14 @@ def positive(text: str) -> int:
     value = _integer(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def img_size_value(text: str) -> int:
+    value = positive(text)
+    if value < MIN_SIZE:
+        raise argparse.ArgumentTypeError(f"must be at least {MIN_SIZE} pixels (the network reduces images 32 times), "
+                                         f"got {value}")
     return value
 
 
@@ -156,12 +204,21 @@ def check_dtype(dtype: str, device: torch.device) -> None:
     check_native(DTYPES[dtype], device, fallback="--dtype float32")
 
 
-def load_model(entry: str, weights: str | None, device: torch.device, num_classes: int = 1000,
-               dtype: str = "float32", backend: str = "torch", pretrained: bool = True) -> nn.Module:
+def load_model(entry: str, weights: str | None, device: torch.device, num_classes: int | None = None,
+               dtype: str = "float32", backend: str = "torch", pretrained: bool = True,
+               img_size: int | None = None) -> nn.Module:
     """The model on ``device``, optimised for inference by ``backend`` in ``dtype``; random weights
-    without ``pretrained``."""
+    without ``pretrained``; ``img_size`` for weights that do not say theirs."""
     model = create_model(entry, pretrained=pretrained, weights=weights, num_classes=num_classes, progress=True)
+    set_input_size(model, img_size)
     return optimize_for_inference(model.to(device), backend=backend, dtype=DTYPES[dtype])
+
+
+def set_input_size(model: nn.Module, img_size: int | None) -> None:
+    """Give ``model`` (its metadata and preprocessing) the input size ``img_size``; None keeps its own."""
+    if img_size is not None:
+        model.pretrained_cfg = input_config(model.pretrained_cfg, img_size)
+        model.preprocess = Preprocess.from_config(model.pretrained_cfg)
 
 
 class ImageFiles(Dataset):
