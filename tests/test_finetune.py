@@ -1,6 +1,9 @@
 """python -m utils.finetune: learns generated classes, resumes exactly, runs under torchrun, explains bad input."""
+import contextlib
+import io
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -9,7 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
+from models import create_model
 from utils import finetune
+from utils.checkpoint import CheckpointError
 from utils.preprocess import Preprocess
 
 from .conftest import REPO, random_state_dict, save_legacy
@@ -54,7 +59,10 @@ def finetune_main(*args):
 def trained(data, pretrained, tmp_path_factory):
     train, val = data
     out = tmp_path_factory.mktemp("run") / "out"
-    assert finetune_main(train, "--output", out, "--val", val, "--weights", pretrained, *RECIPE) == 0
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert finetune_main(train, "--output", out, "--val", val, "--weights", pretrained, *RECIPE) == 0
+    (out.parent / "stdout.txt").write_text(printed.getvalue())
     return out
 
 
@@ -75,21 +83,44 @@ def test_finetuning_learns_the_classes_and_writes_everything(trained):
     assert not list(trained.glob(".*.tmp"))
 
 
-def test_best_pth_loads_through_torch_hub_and_an_independent_evaluation_agrees(trained, data):
-    model = torch.hub.load(str(REPO), "resnet18_ssl", source="local", weights=str(trained / "best.pth"),
-                           num_classes=3)
-    assert model.pretrained_cfg["head"] == "pretrained"
+def test_best_pth_loads_through_torch_hub_with_no_other_argument_and_an_independent_evaluation_agrees(trained, data):
+    model = torch.hub.load(str(REPO), "resnet18_ssl", source="local", weights=str(trained / "best.pth"))
     cfg = model.pretrained_cfg
-    preprocess = Preprocess(round(64 / cfg["crop_pct"]), 64, cfg["mean"], cfg["std"])
+    assert cfg["head"] == "pretrained" and model.fc.out_features == 3
+    assert cfg["num_classes"] == 3 and cfg["classes"] == CLASSES and cfg["wnids"] is None
+    assert cfg["input_size"] == (3, 64, 64) and cfg["finetuning"]["recipe"]["augment"] == "flip"
+    # Below 128 px the recipe validates on the whole image: the shorter side resized to 64, the centre 64 square.
+    reference = Preprocess(64, 64, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     _, val = data
     correct = total = 0
     with torch.no_grad():
         for label, name in enumerate(CLASSES):
             images = sorted((val / name).iterdir())
-            predicted = model(torch.stack([preprocess(p) for p in images])).argmax(1)
+            assert all(torch.equal(model.preprocess(p), reference(p)) for p in images)
+            predicted = model(torch.stack([reference(p) for p in images])).argmax(1)
             correct += int((predicted == label).sum())
             total += len(images)
     assert 100 * correct / total == pytest.approx(max(r["val_top1"] for r in metrics(trained)))
+    assert cfg["metrics"]["finetuning_val"]["val_top1"] == pytest.approx(max(r["val_top1"] for r in metrics(trained)))
+
+
+def test_the_saved_files_describe_themselves_in_what_weights_only_loads(trained):
+    for name in ("best.pth", "last.pth"):
+        saved = torch.load(trained / name, weights_only=True)
+        description = saved["pretrained_cfg"]
+        assert description["entry"] == "resnet18_ssl" and description["classes"] == CLASSES
+        assert description["input_size"] == (3, 64, 64) and description["crop_pct"] == 1.0
+        assert description["resize_size"] == 64 and description["finetuning"]["recipe"]["img_size"] == 64
+
+
+def test_a_contradicting_entry_or_head_size_is_one_error_naming_what_the_file_holds(trained):
+    weights = str(trained / "best.pth")
+    with pytest.raises(ValueError, match="holds a fine-tuned resnet18_ssl with a 3-class head .* not resnet50_ssl"):
+        torch.hub.load(str(REPO), "resnet50_ssl", source="local", weights=weights)
+    with pytest.raises(ValueError, match="3-class head .*; num_classes=5 .*contradicts it: leave it out"):
+        torch.hub.load(str(REPO), "resnet18_ssl", source="local", weights=weights, num_classes=5)
+    features = torch.hub.load(str(REPO), "resnet18_ssl", source="local", weights=weights, num_classes=0)
+    assert features(torch.randn(1, 3, 64, 64)).shape == (1, 512) and features.pretrained_cfg["classes"] is None
 
 
 def test_resume_continues_exactly(trained, data, pretrained, tmp_path):
@@ -227,22 +258,68 @@ def test_bad_options_exit_2_with_a_one_line_error(args, message, tmp_path, capsy
     assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_classify_and_evaluate_use_the_fine_tuned_model_and_its_class_names(trained, data, capsys):
+def test_classify_and_evaluate_need_only_the_weights_and_evaluate_gives_the_reported_top1(trained, data, capsys):
     from utils import classify, evaluate
 
     _, val = data
-    weights, classes = str(trained / "best.pth"), str(trained / "classes.txt")
-    common = ["--model", "resnet18_ssl", "--weights", weights, "--workers", "0", "--device", "cpu", "--json"]
-    assert classify.main([str(val / "grass"), "--classes", classes, "--topk", "3", *common]) == 0
+    common = ["--weights", str(trained / "best.pth"), "--workers", "0", "--device", "cpu", "--json"]
+    assert classify.main([str(val / "grass"), "--topk", "3", *common]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(rows) == 8 and all(sorted(r["labels"]) == sorted(CLASSES) and "wnids" not in r for r in rows)
-    assert all(abs(sum(r["probabilities"]) - 1) < 1e-4 for r in rows)
-    assert evaluate.main([str(val), "--num-classes", "3", *common]) == 0
+    assert all(r["model"] == "resnet18_ssl" and abs(sum(r["probabilities"]) - 1) < 1e-4 for r in rows)
+    assert sum(r["labels"][0] == "grass" for r in rows) >= 6
+    assert evaluate.main([str(val), *common]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["images"] == 24 and "top5" not in result or result["top5"] == 100.0
-    with pytest.raises(SystemExit):
-        classify.main([str(val), "--classes", classes])  # the class names without the weights they belong to
-    assert "--classes: give the fine-tuned model's --weights too" in capsys.readouterr().err
+    assert result["images"] == 24 and result["model"] == "resnet18_ssl" and "top5" not in result
+    assert result["top1"] == pytest.approx(max(r["val_top1"] for r in metrics(trained)))
+
+
+@pytest.mark.parametrize("command, args, message", [
+    ("classify", ["--model", "resnet50_ssl"], "holds a fine-tuned resnet18_ssl .*not resnet50_ssl: load it with the "
+                                              "entry resnet18_ssl \\(--model resnet18_ssl\\)"),
+    ("evaluate", ["--num-classes", "5"], "--num-classes 5 contradicts --weights .*3-class head"),
+    ("classify", ["--img-size", "96"], "--img-size 96 contradicts --weights .* at 64 px: leave --img-size out"),
+    ("classify", ["--classes", "CLASSES"], "--classes .* contradicts --weights"),
+    ("export", ["--num-classes", "2"], "3-class head .*; --num-classes 2 contradicts it: leave it out"),
+])
+def test_options_that_contradict_a_fine_tuned_file_are_one_line_errors(command, args, message, trained, data, tmp_path,
+                                                                        capsys):
+    from utils import classify, evaluate, export
+
+    (tmp_path / "CLASSES").write_text("a\nb\nc\n")
+    args = [str(tmp_path / a) if a == "CLASSES" else a for a in args]
+    _, val = data
+    main, first = {"classify": (classify.main, [str(val / "grass")]), "evaluate": (evaluate.main, [str(val)]),
+                   "export": (export.main, [str(tmp_path / "m.onnx")])}[command]
+    device = ["--device", "cpu"] if command != "export" else []
+    assert main([*first, "--weights", str(trained / "best.pth"), *args, *device]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and re.search(message, err), err
+
+
+def test_a_plain_state_dict_still_loads_with_its_size_given_and_a_new_head_has_no_imagenet_names(trained, tmp_path):
+    from utils.inference import load_model
+
+    bare = tmp_path / "bare.pth"
+    torch.save(torch.load(trained / "best.pth", weights_only=True)["model"], bare)
+    model = load_model("resnet18_ssl", str(bare), torch.device("cpu"), num_classes=3, img_size=64)
+    cfg = model.pretrained_cfg
+    assert cfg["head"] == "pretrained" and cfg["num_classes"] == 3 and cfg["classes"] is None and cfg["wnids"] is None
+    assert cfg["input_size"] == (3, 64, 64) and model.preprocess.crop_size == 64 and model.preprocess.resize_size == 73
+    new = create_model("resnet18_ssl", weights=str(bare), num_classes=7)
+    assert new.pretrained_cfg["head"] == "new" and new.pretrained_cfg["classes"] is None
+    with pytest.raises(CheckpointError, match="it holds a ResNet-18; load it with resnet18_ssl or resnet18_swsl"):
+        create_model("resnet50_swsl", weights=str(bare), num_classes=3)
+
+
+def test_a_damaged_description_is_named(trained, tmp_path):
+    state = torch.load(trained / "best.pth", weights_only=True)
+    for damage, message in [({"entry": "resnet19"}, "unknown entry 'resnet19'"),
+                            ({"classes": ["a"]}, "classes is not a list of 3 names"),
+                            ({"input_size": (3, 64, 32)}, "input_size")]:
+        torch.save({**state, "pretrained_cfg": {**state["pretrained_cfg"], **damage}}, tmp_path / "x.pth")
+        with pytest.raises(ValueError, match=f"its pretrained_cfg is damaged \\({re.escape(message)}"):
+            create_model("resnet18_ssl", weights=str(tmp_path / "x.pth"))
 
 
 def test_a_linear_probe_on_a_held_out_split_leaves_the_backbone_as_it_was(data, pretrained, tmp_path):
@@ -252,14 +329,14 @@ def test_a_linear_probe_on_a_held_out_split_leaves_the_backbone_as_it_was(data, 
     assert finetune_main(train, "--output", out, "--weights", pretrained, "--freeze-backbone",
                          "--val-fraction", "0.25", *recipe) == 0
     before = torch.load(pretrained, weights_only=True)
-    after = torch.load(out / "best.pth", weights_only=True)
+    after = torch.load(out / "best.pth", weights_only=True)["model"]
     backbone = [k for k in after if not k.startswith("fc.")]
     assert backbone and all(torch.equal(before[k], after[k]) for k in backbone)  # BatchNorm statistics too
     assert after["fc.weight"].shape == (3, 512)
     assert [r["epoch"] for r in metrics(out)] == [1]
 
 
-def test_no_pretrained_trains_from_random_weights_offline(data, tmp_path, monkeypatch):
+def test_no_pretrained_trains_from_random_weights_offline(data, tmp_path, monkeypatch, capsys):
     from .test_reliability import refused_url
     monkeypatch.setenv("SEMI_SUPERVISED_WEIGHTS_MIRROR", refused_url())  # the published files cannot be fetched
     train, val = data
@@ -268,3 +345,128 @@ def test_no_pretrained_trains_from_random_weights_offline(data, tmp_path, monkey
     assert finetune_main(train, "--output", tmp_path / "out", "--val", val, "--no-pretrained", *recipe) == 0
     saved = torch.load(tmp_path / "out" / "last.pth", weights_only=True)
     assert saved["recipe"]["no_pretrained"] is True and (tmp_path / "out" / "best.pth").is_file()
+    # A random backbone learns at the head's rate, and the run says where it starts.
+    assert saved["recipe"]["backbone_lr"] == saved["recipe"]["lr"] == 0.01
+    assert "resnet18_ssl from random weights (--no-pretrained)" in capsys.readouterr().out
+
+
+def test_the_recipe_fits_the_start_and_the_image_size_and_is_recorded(trained):
+    def resolved(*argv):
+        _, args = finetune.parse_args(["x", "--output", "y", *argv])
+        finetune.complete_recipe(args)
+        return args.backbone_lr, args.augment, args.crop_scale, args.eval_crop_pct
+
+    assert resolved() == (0.001, "crop", 0.08, 0.875)  # pretrained, 224 px: timm's crops, the published crop
+    assert resolved("--no-pretrained", "--img-size", "32") == (0.01, "flip", None, 1.0)
+    assert resolved("--img-size", "127") == (0.001, "flip", None, 1.0)
+    assert resolved("--img-size", "128", "--lr", "0.1") == (0.01, "crop", 0.08, 0.875)
+    assert resolved("--augment", "crop", "--crop-scale", "0.5", "--img-size", "32") == (0.001, "crop", 0.5, 0.875)
+    assert resolved("--augment", "none", "--eval-crop-pct", "0.9", "--backbone-lr", "0.2") == (0.2, "none", None, 0.9)
+    recipe = torch.load(trained / "last.pth", weights_only=True)["recipe"]
+    assert {k: recipe[k] for k in ("backbone_lr", "augment", "crop_scale", "eval_crop_pct", "patience")} == {
+        "backbone_lr": 0.001, "augment": "flip", "crop_scale": None, "eval_crop_pct": 1.0, "patience": None}
+
+
+def test_each_augmentation_is_what_it_says(data):
+    train, _ = data
+    path = sorted((train / "grass").iterdir())[0]
+    evaluation = Preprocess(64, 64, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    torch.manual_seed(0)
+    assert torch.equal(finetune.Augment("none", evaluation, 1.0)(path), evaluation(path))
+    flips = [finetune.Augment("flip", evaluation, 1.0)(path) for _ in range(20)]
+    assert all(torch.equal(x, evaluation(path)) or torch.equal(x, evaluation(path).flip(-1)) for x in flips)
+    assert 0 < sum(torch.equal(x, evaluation(path)) for x in flips) < 20
+    crop = finetune.Augment("crop", evaluation, 0.08)
+    boxes = [crop.box(72, 56) for _ in range(200)]
+    areas = [(r - left) * (b - t) / (72 * 56) for left, t, r, b in boxes]
+    assert min(areas) >= 0.07 and max(areas) <= 1 and min(areas) < 0.3
+    assert min((r - left) * (b - t) / (72 * 56) for left, t, r, b in
+               (finetune.Augment("crop", evaluation, 0.5).box(72, 56) for _ in range(200))) >= 0.49
+    assert crop(path).shape == (3, 64, 64)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--crop-scale", "0"], "--crop-scale: must be above 0 and at most 1"),
+    (["--eval-crop-pct", "1.5"], "--eval-crop-pct: must be above 0 and at most 1"),
+    (["--augment", "flip", "--crop-scale", "0.5"], "--crop-scale applies to --augment crop, not --augment flip"),
+    (["--augment", "mixup"], "invalid choice: 'mixup'"),
+    (["--patience", "0"], "--patience: must be at least 1"),
+])
+def test_bad_recipe_options_exit_2_with_a_one_line_error(args, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        finetune_main(tmp_path, "--output", tmp_path / "out", *args)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_small_images_are_decoded_in_the_main_process_by_default(trained):
+    assert finetune.auto_workers([72 * 56] * 10) == 0 and finetune.auto_workers([128 * 128] * 3) == 0
+    assert finetune.auto_workers([500 * 375] * 3) == min(8, os.cpu_count() or 1)
+    assert "; 0 worker(s)" in (trained.parent / "stdout.txt").read_text()  # the 72x56 photos, --workers not given
+
+
+def test_each_epoch_says_its_time_the_elapsed_time_and_the_eta(trained):
+    printed = (trained.parent / "stdout.txt").read_text()
+    times = r"\d+ (s|min \d\d s) \(elapsed \d+ (s|min \d\d s), ETA \d+ (s|min \d\d s)\)$"
+    lines = [line for line in printed.splitlines() if line.startswith("epoch ")]
+    assert len(lines) == 3 and all(re.search(times, line) for line in lines), lines
+    assert lines[-1].endswith("ETA 0 s)") and "val loss" in lines[0]
+    rows = metrics(trained)
+    assert all(r["epoch_seconds"] > 0 and r["val_loss"] > 0 for r in rows)
+    assert [r["elapsed_seconds"] for r in rows] == sorted(r["elapsed_seconds"] for r in rows)
+    assert finetune.duration(42.4) == "42 s" and finetune.duration(185) == "3 min 05 s"
+    assert finetune.duration(7620) == "2 h 07 min"
+
+
+def test_patience_stops_a_run_that_no_longer_improves(data, pretrained, tmp_path, capsys):
+    train, val = data
+    # A probe whose head does not move (lr 0) never improves after epoch 1: --patience 1 stops after epoch 2.
+    recipe = [*RECIPE]
+    recipe[recipe.index("--epochs") + 1] = "5"
+    assert finetune_main(train, "--output", tmp_path / "out", "--val", val, "--weights", pretrained, *recipe,
+                         "--freeze-backbone", "--lr", "0", "--patience", "1") == 0
+    assert [r["epoch"] for r in metrics(tmp_path / "out")] == [1, 2]
+    assert "no better validation top-1 for 1 epochs (--patience): stopping early" in capsys.readouterr().out
+
+
+def test_the_curves_show_what_a_reader_needs(trained):
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib.ticker import MaxNLocator
+
+    rows = metrics(trained)
+    fig = finetune.figure(rows, "resnet18_ssl on train (3 classes, 64 px)")
+    loss, top1, lr = fig.axes
+    assert fig._suptitle.get_text() == "resnet18_ssl on train (3 classes, 64 px)"
+    assert [line.get_label() for line in loss.get_lines()] == ["training (label-smoothed)", "validation"]
+    assert list(loss.get_lines()[1].get_ydata()) == [r["val_loss"] for r in rows]
+    assert top1.get_ylim() == (0, 100)
+    best = max(rows, key=lambda r: r["val_top1"])["epoch"]
+    assert any(list(line.get_xdata()) == [best, best] and "best" in line.get_label() for line in top1.get_lines())
+    assert [line.get_label() for line in lr.get_lines()] == ["head", "backbone"]
+    assert all(axis.get_legend() is not None for axis in fig.axes)
+    assert isinstance(lr.xaxis.get_major_locator(), MaxNLocator) and lr.xaxis.get_major_locator()._integer
+    assert loss.yaxis.get_major_formatter().get_useOffset() is False
+    assert (trained / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_without_matplotlib_the_run_says_at_once_that_there_will_be_no_curves(data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    seen = []
+    monkeypatch.setattr(finetune, "tqdm", lambda *a, **k: seen.append(k) or __import__("tqdm").tqdm(*a, **k))
+    train, val = data
+    recipe = [*RECIPE]
+    recipe[recipe.index("--epochs") + 1] = "1"
+    assert finetune_main(train, "--output", tmp_path / "out", "--val", val, "--no-pretrained", *recipe) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[1] == ("note: curves.png will not be drawn: matplotlib is not installed "
+                                   "(pip install matplotlib)")
+    assert not (tmp_path / "out" / "curves.png").exists()
+    # Training and validation both show a progress bar on the first process.
+    assert [k["desc"] for k in seen] == ["epoch 1/1", "validation"] and all(k["disable"] is None for k in seen)
+
+
+def test_the_help_does_not_call_training_from_random_weights_meaningless(capsys):
+    with pytest.raises(SystemExit):
+        finetune.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "meaningless" not in text and "train from random weights instead of the published ones" in text

@@ -5,13 +5,15 @@
 
 TRAIN_DIR holds one folder of images per class, with any names: class i is the i-th folder in
 sorted order. Without --val, a --val-fraction of each class (chosen by --seed) is held out for
-validation. The recipe: the pretrained backbone with a new head, SGD with Nesterov momentum (or
-AdamW) with a lower learning rate for the backbone, a linear warmup then cosine decay, label
-smoothing, random resized crops and flips for training and the model's own evaluation transform at
---img-size for validation, channels_last, mixed precision on GPUs.
+validation. The recipe: the backbone with a new head, SGD with Nesterov momentum (or AdamW), the
+backbone at a tenth of the head's learning rate when it is pretrained and at the same rate from
+random weights, a linear warmup then cosine decay, label smoothing, augmentation that fits the image
+size (random resized crops and flips from 128 px up, flips alone below), and for validation the
+evaluation transform that the saved model carries; channels_last, mixed precision on GPUs.
 
-OUT receives best.pth (the best validation epoch's state dict, for torch.hub.load(...,
-weights="OUT/best.pth", num_classes=K)), last.pth (everything --resume needs), classes.txt,
+OUT receives best.pth (the best validation epoch's weights with what they are: entry, class names,
+input size and transform, recipe; torch.hub.load(..., weights="OUT/best.pth") and the other
+commands need nothing else), last.pth (the same, and everything --resume needs), classes.txt,
 metrics.jsonl (one JSON object per epoch) and curves.png.
 """
 from __future__ import annotations
@@ -49,16 +51,23 @@ from .inference import (
 from .preprocess import Preprocess
 
 try:  # imported through hubconf.py's private package name
-    from ..models import create_model
+    from ..models import create_model, finetuned
     from ..models.resnet import MIN_SIZE
 except ImportError:  # run from the repository root: python -m utils.finetune
-    from models import create_model
+    from models import create_model, finetuned
     from models.resnet import MIN_SIZE
 
 # What makes the training recipe: a resumed run must not change these.
 RECIPE = ("model", "weights", "no_pretrained", "epochs", "batch_size", "lr", "backbone_lr", "optimizer", "weight_decay",
-          "label_smoothing", "warmup_epochs", "img_size", "seed", "val", "val_fraction", "freeze_backbone", "dtype")
+          "label_smoothing", "warmup_epochs", "img_size", "augment", "crop_scale", "eval_crop_pct", "patience", "seed",
+          "val", "val_fraction", "freeze_backbone", "dtype")
 AMP = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+AUGMENTATIONS = {"crop": "random resized crops and flips", "flip": "the evaluation transform and flips",
+                 "none": "the evaluation transform alone"}
+# Below this size a random crop loses what small images show: flips alone do better (benchmarks/finetune.py).
+CROP_FROM = 128
+# Images this small (median pixels) decode faster in the main process than through worker processes.
+SMALL_IMAGE = 128 * 128
 
 
 class FinetuneError(ValueError):
@@ -105,30 +114,36 @@ def split(samples: list[tuple[Path, int]], fraction: float, seed: int) -> tuple[
     return sorted(train), sorted(val)
 
 
-def check_readable(samples: list[tuple[Path, int]]) -> None:
-    """Open every image's header before training, so that a bad file stops the run now, not hours in."""
+def check_readable(samples: list[tuple[Path, int]]) -> list[int]:
+    """Open every image's header before training, so that a bad file stops the run now, not hours in;
+    the images' pixel counts."""
     from PIL import Image
 
-    bad = []
+    bad, areas = [], []
     for path, _ in samples:
         try:
             with Image.open(path) as f:
+                areas.append(f.width * f.height)
                 f.verify()
         except Exception as e:  # noqa: BLE001  (PIL raises many types for damaged files)
             bad.append(f"{path} ({type(e).__name__})")
     if bad:
         raise FinetuneError(f"{len(bad)} unreadable image(s), the run stops: {'; '.join(bad[:5])}"
                             f"{'; ...' if len(bad) > 5 else ''}. Remove or replace them and run again")
+    return areas
 
 
-class RandomResizedCropFlip:
-    """Training augmentation: a random crop of 8-100% of the area and 3/4-4/3 aspect, resized to
-    ``size``, flipped left-right half the time, normalised. Random numbers come from torch, so that
-    DataLoader's per-worker seeds make them reproducible."""
+class Augment:
+    """Training images: with "crop", a random crop of ``scale`` (a share of the area, 3/4-4/3 aspect),
+    resized to the evaluation size and flipped left-right half the time; with "flip", the evaluation
+    transform and flips; with "none", the evaluation transform. Random numbers come from torch, so
+    that DataLoader's per-worker seeds make them reproducible."""
 
-    def __init__(self, size: int, mean, std, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-        self.size, self.scale, self.log_ratio = size, scale, (math.log(ratio[0]), math.log(ratio[1]))
-        self.mean, self.std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
+    def __init__(self, policy: str, preprocess: Preprocess, scale: float, ratio=(3 / 4, 4 / 3)):
+        self.policy, self.preprocess, self.size = policy, preprocess, preprocess.crop_size
+        self.scale, self.log_ratio = (scale, 1.0), (math.log(ratio[0]), math.log(ratio[1]))
+        self.mean = torch.tensor(preprocess.mean).view(3, 1, 1)
+        self.std = torch.tensor(preprocess.std).view(3, 1, 1)
 
     def box(self, width: int, height: int) -> tuple[int, int, int, int]:
         area = width * height
@@ -147,6 +162,9 @@ class RandomResizedCropFlip:
         import numpy as np
         from PIL import Image
 
+        if self.policy != "crop":
+            x = self.preprocess(path)
+            return x.flip(-1) if self.policy == "flip" and torch.rand(()).item() < 0.5 else x
         image = read(path)
         image = image.resize((self.size, self.size), Image.BILINEAR, box=self.box(*image.size))
         if torch.rand(()).item() < 0.5:
@@ -193,9 +211,12 @@ def start(device_name: str) -> Context:
 
 
 def build_model(args: argparse.Namespace, num_classes: int, device: torch.device) -> nn.Module:
-    model = create_model(args.model, pretrained=not args.no_pretrained, weights=args.weights, num_classes=num_classes)
-    if model.pretrained_cfg["head"] != "new":
-        model.fc.reset_parameters()  # a file with a head of this size: start the head afresh all the same
+    """The backbone to start from with a new head of ``num_classes``, initialised from --seed."""
+    if args.no_pretrained:
+        model = create_model(args.model, pretrained=False, num_classes=num_classes)
+    else:  # the backbone alone, also from a file with a head of its own (a fine-tuned one)
+        model = create_model(args.model, weights=args.weights, num_classes=0)
+        model.fc = nn.Linear(model.num_features, num_classes)
     if args.freeze_backbone:
         for name, p in model.named_parameters():
             p.requires_grad = name.startswith("fc.")
@@ -256,29 +277,31 @@ def train_epoch(model, loader, optimizer, schedule, loss_fn, scaler, amp, ctx, e
 
 
 @torch.no_grad()
-def validate(model, samples, preprocess, args, ctx, num_classes: int) -> tuple[float, float | None]:
-    """Top-1 and top-5 (None with fewer than 5 classes) in percent; each process takes every
-    WORLD_SIZE-th image and the counts are summed."""
+def validate(model, samples, preprocess, args, ctx, num_classes: int) -> tuple[float, float | None, float]:
+    """Top-1 and top-5 (None with fewer than 5 classes) in percent, and the mean cross-entropy; each
+    process takes every WORLD_SIZE-th image and the sums are added up."""
     model.eval()
     shard = samples[ctx.rank::ctx.world]
     loader = DataLoader(Images(shard, preprocess), batch_size=args.batch_size, num_workers=args.workers,
                         pin_memory=ctx.device.type == "cuda")
-    counts = torch.zeros(3, dtype=torch.int64, device=ctx.device)
+    sums = torch.zeros(4, dtype=torch.float64, device=ctx.device)  # top-1 hits, top-5 hits, loss, images
     k = min(5, num_classes)
-    for images, labels in loader:
+    bar = tqdm(loader, desc="validation", unit="batch", disable=not ctx.main or None, file=sys.stderr, leave=False)
+    for images, labels in bar:
         images = images.to(ctx.device, non_blocking=True, memory_format=torch.channels_last)
         labels = labels.to(ctx.device, non_blocking=True)
-        top = model(images).topk(k, dim=1).indices
-        hits = top == labels[:, None]
-        counts += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), torch.tensor(len(labels), device=ctx.device)])
+        logits = model(images).float()
+        hits = logits.topk(k, dim=1).indices == labels[:, None]
+        loss = nn.functional.cross_entropy(logits, labels, reduction="sum")
+        sums += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), loss, torch.tensor(len(labels))]).to(sums)
     if ctx.world > 1:
-        dist.all_reduce(counts)
-    top1, top5, n = counts.tolist()
-    return 100 * top1 / n, (100 * top5 / n if num_classes >= 5 else None)
+        dist.all_reduce(sums)
+    top1, top5, loss, n = sums.tolist()
+    return 100 * top1 / n, (100 * top5 / n if num_classes >= 5 else None), loss / n
 
 
-def head_lr(optimizer: torch.optim.Optimizer) -> float:
-    return next(g["lr"] for g in optimizer.param_groups if g["name"] == "head")
+def group_lr(optimizer: torch.optim.Optimizer, part: str) -> float | None:
+    return next((g["lr"] for g in optimizer.param_groups if g["name"] == part), None)
 
 
 def save_atomically(obj, path: Path) -> None:
@@ -292,7 +315,8 @@ def save_atomically(obj, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def plot(metrics: list[dict], path: Path) -> bool:
+def plot(metrics: list[dict], path: Path, title: str) -> bool:
+    """Draw curves.png (False where matplotlib is not installed)."""
     try:
         import matplotlib
     except ImportError:
@@ -300,18 +324,56 @@ def plot(metrics: list[dict], path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    epochs = [m["epoch"] for m in metrics]
-    fig, loss_axis = plt.subplots(figsize=(7, 4), dpi=100)
-    loss_axis.plot(epochs, [m["train_loss"] for m in metrics], "o-", color="tab:red", label="train loss")
-    loss_axis.set_xlabel("epoch")
-    loss_axis.set_ylabel("train loss", color="tab:red")
-    top1_axis = loss_axis.twinx()
-    top1_axis.plot(epochs, [m["val_top1"] for m in metrics], "s-", color="tab:blue", label="val top-1")
-    top1_axis.set_ylabel("validation top-1 (%)", color="tab:blue")
-    fig.tight_layout()
+    fig = figure(metrics, title)
     fig.savefig(path)
     plt.close(fig)
     return True
+
+
+def figure(metrics: list[dict], title: str):
+    """Losses, validation accuracy (0-100%) with the best epoch marked, and the learning rates, by epoch."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    epochs = [m["epoch"] for m in metrics]
+    best = max(metrics, key=lambda m: m["val_top1"])
+    fig, (loss, top1, lr) = plt.subplots(3, 1, sharex=True, figsize=(7, 7.5), dpi=100,
+                                         gridspec_kw={"height_ratios": [3, 3, 2]})
+    fig.suptitle(title)
+    loss.plot(epochs, [m["train_loss"] for m in metrics], "o-", color="tab:red", label="training (label-smoothed)")
+    loss.plot(epochs, [m["val_loss"] for m in metrics], "s-", color="tab:purple", label="validation")
+    loss.set_ylabel("cross-entropy loss")
+    loss.set_ylim(bottom=0)
+    loss.ticklabel_format(axis="y", style="plain", useOffset=False)
+    top1.plot(epochs, [m["val_top1"] for m in metrics], "s-", color="tab:blue", label="validation top-1")
+    if all("val_top5" in m for m in metrics):
+        top1.plot(epochs, [m["val_top5"] for m in metrics], "^--", color="tab:cyan", label="validation top-5")
+    top1.axvline(best["epoch"], color="tab:green", linestyle=":", label=f"best: epoch {best['epoch']}, "
+                                                                           f"{best['val_top1']:.1f}%")
+    top1.set_ylabel("accuracy (%)")
+    top1.set_ylim(0, 100)
+    lr.plot(epochs, [m["lr"] for m in metrics], "o-", color="tab:gray", label="head")
+    if any(m.get("backbone_lr") is not None for m in metrics):
+        lr.plot(epochs, [m.get("backbone_lr") for m in metrics], "o--", color="tab:olive", label="backbone")
+    lr.set_ylabel("learning rate\n(at epoch end)")
+    lr.set_ylim(bottom=0)
+    lr.set_xlabel("epoch")
+    lr.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for axis in (loss, top1, lr):
+        axis.grid(alpha=0.3)
+        axis.legend(loc="best", fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def duration(seconds: float) -> str:
+    """``42 s``, ``3 min 05 s``, ``2 h 07 min``."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
 def last_line(error: Exception) -> str:
@@ -328,7 +390,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
     parser.add_argument("--model", default="resnet50_swsl", choices=list(WEIGHTS), metavar="ENTRY",
                         help="the pretrained model to start from (default resnet50_swsl; the twelve entries are "
                              "listed below)")
-    add_weights_arguments(parser, start="start from")
+    add_weights_arguments(parser, start="start from",
+                          random="train from random weights instead of the published ones (nothing is downloaded)")
     parser.add_argument("--val", type=Path, metavar="VAL_DIR", help="validation images, the same class folders")
     parser.add_argument("--val-fraction", type=float, default=0.1,
                         help="without --val, the share of each class held out (default 0.1)")
@@ -336,18 +399,30 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
     parser.add_argument("--stop-after", type=positive, metavar="EPOCH",
                         help="end this run after EPOCH (of --epochs), e.g. for a time-limited job; "
                              "--resume OUT/last.pth continues")
+    parser.add_argument("--patience", type=positive, metavar="N",
+                        help="stop early after N epochs without a better validation top-1 (default: never)")
     parser.add_argument("--batch-size", type=batch_size_value, default=32, help="per process (default 32)")
     parser.add_argument("--lr", type=float, default=0.01, help="learning rate of the new head (default 0.01)")
-    parser.add_argument("--backbone-lr", type=float, help="learning rate of the pretrained backbone "
-                                                          "(default: --lr / 10)")
+    parser.add_argument("--backbone-lr", type=float, help="learning rate of the backbone (default: --lr / 10 for a "
+                                                          "pretrained one, --lr with --no-pretrained)")
     parser.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd", help="default sgd (Nesterov)")
     parser.add_argument("--weight-decay", type=float, default=1e-4, help="default 1e-4")
     parser.add_argument("--label-smoothing", type=float, default=0.1, help="default 0.1")
     parser.add_argument("--warmup-epochs", type=float, default=1.0, help="default 1")
     parser.add_argument("--img-size", type=positive, default=224, help="training and validation size (default 224)")
+    parser.add_argument("--augment", choices=list(AUGMENTATIONS),
+                        help="training augmentation: " + "; ".join(f"{k}: {v}" for k, v in AUGMENTATIONS.items())
+                             + f" (default: crop from --img-size {CROP_FROM} up, flip below)")
+    parser.add_argument("--crop-scale", type=float, metavar="MIN",
+                        help="with --augment crop, the smallest crop as a share of the image's area (default 0.08)")
+    parser.add_argument("--eval-crop-pct", type=float, metavar="F",
+                        help="validation and the saved model's transform: resize the shorter side to --img-size / F, "
+                             "then take the centre --img-size square (default: 0.875 with --augment crop, else 1)")
     parser.add_argument("--freeze-backbone", action="store_true", help="train the head only (a linear probe)")
-    parser.add_argument("--workers", type=count, default=min(8, os.cpu_count() or 1),
-                        help="processes decoding images, per process (default: the CPU count, at most 8)")
+    parser.add_argument("--workers", type=count,
+                        help="processes decoding images, per process (default: 0 for images of at most "
+                             f"{int(math.sqrt(SMALL_IMAGE))}x{int(math.sqrt(SMALL_IMAGE))} pixels, which decode "
+                             "faster in the main process; else the CPU count, at most 8)")
     parser.add_argument("--device", type=device_name, default="auto",
                         help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--dtype", choices=["auto", "float32", *AMP], default="auto",
@@ -361,13 +436,29 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
                      "(it reduces images 32 times)")
     if not 0 < args.val_fraction < 1:
         parser.error(f"--val-fraction: must be between 0 and 1, got {args.val_fraction}")
+    for name in ("crop_scale", "eval_crop_pct"):
+        value = getattr(args, name)
+        if value is not None and not 0 < value <= 1:
+            parser.error(f"--{name.replace('_', '-')}: must be above 0 and at most 1, got {value}")
+    if args.crop_scale is not None and args.augment not in (None, "crop"):
+        parser.error(f"--crop-scale applies to --augment crop, not --augment {args.augment}")
     for name in ("lr", "backbone_lr", "weight_decay", "label_smoothing", "warmup_epochs"):
         value = getattr(args, name)
         if value is not None and (value < 0 or not math.isfinite(value)):
             parser.error(f"--{name.replace('_', '-')}: must be a finite number >= 0, got {value}")
-    if args.backbone_lr is None:
-        args.backbone_lr = args.lr / 10
     return parser, args
+
+
+def complete_recipe(args: argparse.Namespace) -> None:
+    """Fill in the defaults that depend on the start and the image size (after --resume took the saved ones)."""
+    if args.backbone_lr is None:  # a pretrained backbone changes slowly; a random one learns with the head
+        args.backbone_lr = args.lr if args.no_pretrained else args.lr / 10
+    if args.augment is None:
+        args.augment = "crop" if args.img_size >= CROP_FROM else "flip"
+    if args.augment == "crop" and args.crop_scale is None:
+        args.crop_scale = 0.08
+    if args.eval_crop_pct is None:
+        args.eval_crop_pct = 0.875 if args.augment == "crop" else 1.0
 
 
 def resume(parser, args: argparse.Namespace) -> dict:
@@ -383,12 +474,17 @@ def resume(parser, args: argparse.Namespace) -> dict:
     for name, saved in state["recipe"].items():
         given = getattr(args, name)
         given = str(given) if isinstance(given, Path) else given
-        default = parser.get_default(name)
-        if given != saved and given != default and not (name == "backbone_lr" and given == args.lr / 10):
+        # Derived values were saved as resolved: a value is only in conflict when it was given.
+        if given != saved and given != parser.get_default(name):
             raise FinetuneError(f"--resume: --{name.replace('_', '-')} {given} differs from the run being resumed "
                                 f"({saved}); leave it out to continue that run")
         setattr(args, name, Path(saved) if name == "val" and saved is not None else saved)
     return state
+
+
+def auto_workers(areas: list[int]) -> int:
+    """Small images decode faster in the main process than through worker processes."""
+    return 0 if sorted(areas)[len(areas) // 2] <= SMALL_IMAGE else min(8, os.cpu_count() or 1)
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -398,6 +494,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         raise FinetuneError(f"--output {args.output} already holds a run: --resume {args.output / 'last.pth'} "
                             "continues it; choose another --output for a new one")
     state = resume(parser, args) if args.resume else None
+    complete_recipe(args)
     classes, samples = class_folders(args.train, "TRAIN_DIR")
     if len(classes) < 2:
         raise FinetuneError(f"TRAIN_DIR {args.train} has a single class folder ({classes[0]}): a classifier needs "
@@ -418,7 +515,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if steps == 0:
         raise FinetuneError(f"TRAIN_DIR has {len(train)} training images, fewer than one batch ({args.batch_size} "
                             f"x {ctx.world} process(es)): lower --batch-size")
-    check_readable(train + val)
+    areas = check_readable(train + val)
+    if args.workers is None:
+        args.workers = auto_workers(areas)
     amp = None
     if args.dtype == "auto":
         if ctx.device.type == "cuda":
@@ -430,20 +529,24 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     torch.manual_seed(args.seed)  # the new head's initial weights
     model = build_model(args, len(classes), ctx.device)
     cfg = model.pretrained_cfg
-    train_transform = RandomResizedCropFlip(args.img_size, cfg["mean"], cfg["std"])
-    val_transform = Preprocess(round(args.img_size / cfg["crop_pct"]), args.img_size, cfg["mean"], cfg["std"])
+    recipe = {name: str(v) if isinstance(v, Path) else v for name, v in ((n, getattr(args, n)) for n in RECIPE)}
+    description = finetuned.describe(args.model, classes, args.img_size, args.eval_crop_pct, cfg["mean"], cfg["std"],
+                                     {"recipe": recipe, "train": str(args.train), "result": {}})
+    val_transform = Preprocess.from_config(description)  # exactly the transform the saved model carries
+    train_transform = Augment(args.augment, val_transform, args.crop_scale or 1.0)
     optimizer = make_optimizer(args, model)
     schedule = make_schedule(optimizer, round(args.warmup_epochs * steps), args.epochs * steps)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp == torch.float16)
     net = nn.parallel.DistributedDataParallel(model) if ctx.world > 1 else model
 
-    first, best, metrics = 1, -1.0, []
+    first, best, best_epoch, metrics = 1, -1.0, 0, []
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         scaler.load_state_dict(state["scaler"])
-        first, best = state["epoch"] + 1, state["best_top1"]
+        first, best, best_epoch = state["epoch"] + 1, state["best_top1"], state.get("best_epoch", state["epoch"])
+        description["finetuning"]["result"] = state.get("result", {})
     args.output.mkdir(parents=True, exist_ok=True)
     metrics_path = args.output / "metrics.jsonl"
     if ctx.main:
@@ -451,10 +554,13 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if metrics_path.exists() and state is not None:  # drop epochs after the one resumed from
             metrics = [m for m in map(json.loads, metrics_path.read_text().splitlines()) if m["epoch"] < first]
         metrics_path.write_text("".join(json.dumps(m) + "\n" for m in metrics))
+        announce(args, classes, len(train), len(val), ctx)
 
     loss_fn = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     dataset = Images(train, train_transform)
     last = min(args.epochs, args.stop_after or args.epochs)
+    title = f"{args.model} on {args.train} ({len(classes)} classes, {args.img_size} px)"
+    began = time.perf_counter()
     for epoch in range(first, last + 1):
         # Every epoch's randomness follows from --seed and the epoch alone, so a resumed run repeats it exactly.
         torch.manual_seed(args.seed * 1_000_003 + epoch)
@@ -468,37 +574,66 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                             generator=torch.Generator().manual_seed(args.seed * 1_000_003 + epoch))
         start_time = time.perf_counter()
         train_loss, seen = train_epoch(net, loader, optimizer, schedule, loss_fn, scaler, amp, ctx, epoch, args)
-        seconds = time.perf_counter() - start_time
-        top1, top5 = validate(model, val, val_transform, args, ctx, len(classes))
+        train_seconds = time.perf_counter() - start_time
+        top1, top5, val_loss = validate(model, val, val_transform, args, ctx, len(classes))
+        now = time.perf_counter()
         if not ctx.main:
             continue
-        record = {"epoch": epoch, "train_loss": round(train_loss, 6), "val_top1": round(top1, 4),
-                  **({"val_top5": round(top5, 4)} if top5 is not None else {}),
-                  "lr": head_lr(optimizer), "images_per_second": round(seen / seconds, 2),
-                  "processes": ctx.world}
+        elapsed = now - began
+        record = {"epoch": epoch, "train_loss": round(train_loss, 6), "val_loss": round(val_loss, 6),
+                  "val_top1": round(top1, 4), **({"val_top5": round(top5, 4)} if top5 is not None else {}),
+                  "lr": group_lr(optimizer, "head"), "backbone_lr": group_lr(optimizer, "backbone"),
+                  "images_per_second": round(seen / train_seconds, 2), "epoch_seconds": round(now - start_time, 3),
+                  "elapsed_seconds": round(elapsed, 3), "processes": ctx.world}
         if top1 > best:
-            best = top1
-            save_atomically(model.state_dict(), args.output / "best.pth")
+            best, best_epoch = top1, epoch
+            description["finetuning"]["result"] = {"epoch": epoch, "val_top1": top1,
+                                                   **({"val_top5": top5} if top5 is not None else {})}
+            save_atomically({"model": model.state_dict(), finetuned.KEY: description}, args.output / "best.pth")
         save_atomically({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "schedule": schedule.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                         "best_top1": best, "classes": classes, "entry": args.model,
-                         "recipe": {name: str(v) if isinstance(v, Path) else v
-                                    for name, v in ((n, getattr(args, n)) for n in RECIPE)},
+                         "best_top1": best, "best_epoch": best_epoch, "result": description["finetuning"]["result"],
+                         "classes": classes, "entry": args.model, "recipe": recipe, finetuned.KEY: description,
                          "rng": {"torch": torch.get_rng_state()}}, args.output / "last.pth")
         metrics.append(record)
         with metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        plot(metrics, args.output / "curves.png")
+        plot(metrics, args.output / "curves.png", title)
+        stop = args.patience is not None and epoch - best_epoch >= args.patience
+        eta = 0 if stop else elapsed / (epoch - first + 1) * (last - epoch)
         if args.json:
             print(json.dumps(record), flush=True)
         else:
             top5_text = f", top-5 {top5:.1f}%" if top5 is not None else ""
-            print(f"epoch {epoch}/{args.epochs}: train loss {train_loss:.4f}, val top-1 {top1:.1f}%{top5_text}, "
-                  f"lr {record['lr']:.2e}, {record['images_per_second']:.1f} images/s", flush=True)
+            print(f"epoch {epoch}/{args.epochs}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, val top-1 "
+                  f"{top1:.1f}%{top5_text}, lr {record['lr']:.2e}, {record['images_per_second']:.1f} images/s, "
+                  f"{duration(now - start_time)} (elapsed {duration(elapsed)}, ETA {duration(eta)})", flush=True)
+        if stop:
+            print(f"no better validation top-1 for {args.patience} epochs (--patience): stopping early; the best "
+                  f"was epoch {best_epoch}", file=sys.stderr if args.json else sys.stdout, flush=True)
+            break
     if ctx.main and not args.json:
-        print(f"best val top-1 {best:.1f}%: {args.output / 'best.pth'} "
-              f"(torch.hub.load(..., weights={str(args.output / 'best.pth')!r}, num_classes={len(classes)}))")
+        print(f"best val top-1 {best:.1f}% (epoch {best_epoch}): {args.output / 'best.pth'} "
+              f"(torch.hub.load(..., {args.model!r}, weights={str(args.output / 'best.pth')!r}) or --weights "
+              f"{args.output / 'best.pth'} for the other commands)")
     return 0
+
+
+def announce(args: argparse.Namespace, classes: list[str], n_train: int, n_val: int, ctx: Context) -> None:
+    """The run's first lines: where it starts from and how it trains (stderr under --json)."""
+    start_from = ("random weights (--no-pretrained)" if args.no_pretrained else
+                  f"--weights {args.weights}" if args.weights else "the published weights")
+    resumed = f", resumed from {args.resume}" if args.resume else ""
+    crop = f" of {args.crop_scale:g}-1 of the area" if args.augment == "crop" else ""
+    lines = [f"{args.model} from {start_from}{resumed}: {n_train} training and {n_val} validation images of "
+             f"{len(classes)} classes at {args.img_size} px; augmentation {args.augment} "
+             f"({AUGMENTATIONS[args.augment]}{crop}), evaluation crop {args.eval_crop_pct:g}; head lr {args.lr:g}, "
+             f"backbone lr {args.backbone_lr:g}; {args.workers} worker(s), {ctx.world} process(es) on {ctx.device}"]
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        lines.append("note: curves.png will not be drawn: matplotlib is not installed (pip install matplotlib)")
+    print("\n".join(lines), file=sys.stderr if args.json else sys.stdout, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
