@@ -148,7 +148,8 @@ def tool(train: Path, val: Path, out: Path, epochs: int, batch_size: int, size: 
 RECIPES = {
     "tool": (),
     "old": ("--backbone-lr", "0.001", "--augment", "crop", "--crop-scale", "0.08", "--eval-crop-pct", "0.875"),
-    "old+backbone-lr": ("--backbone-lr", "0.01", "--augment", "crop", "--crop-scale", "0.08", "--eval-crop-pct", "0.875"),
+    "old+backbone-lr": ("--backbone-lr", "0.01", "--augment", "crop", "--crop-scale", "0.08",
+                        "--eval-crop-pct", "0.875"),
     "old+flip": ("--backbone-lr", "0.001", "--augment", "flip", "--eval-crop-pct", "0.875"),
     "old+eval-crop-1": ("--backbone-lr", "0.001", "--augment", "crop", "--crop-scale", "0.08", "--eval-crop-pct", "1"),
     "crop-0.35": ("--augment", "crop", "--crop-scale", "0.35", "--eval-crop-pct", "1"),

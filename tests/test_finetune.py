@@ -104,6 +104,19 @@ def test_best_pth_loads_through_torch_hub_with_no_other_argument_and_an_independ
     assert cfg["metrics"]["finetuning_val"]["val_top1"] == pytest.approx(max(r["val_top1"] for r in metrics(trained)))
 
 
+def test_validation_measured_the_model_exactly_as_it_is_loaded_afterwards(trained, data):
+    """The best epoch's validation loss, a continuous measure, recomputed through torch.hub with the
+    transform the file carries: any other transform in validation would show."""
+    model = torch.hub.load(str(REPO), "resnet18_ssl", source="local", weights=str(trained / "best.pth"))
+    _, val = data
+    images, labels = zip(*[(model.preprocess(p), label) for label, name in enumerate(CLASSES)
+                           for p in sorted((val / name).iterdir())])
+    with torch.no_grad():
+        loss = torch.nn.functional.cross_entropy(model(torch.stack(images)), torch.tensor(labels)).item()
+    best = model.pretrained_cfg["finetuning"]["result"]["epoch"]
+    assert loss == pytest.approx(metrics(trained)[best - 1]["val_loss"], rel=1e-4)
+
+
 def test_the_saved_files_describe_themselves_in_what_weights_only_loads(trained):
     for name in ("best.pth", "last.pth"):
         saved = torch.load(trained / name, weights_only=True)
