@@ -62,10 +62,10 @@ def test_peers_run_in_the_same_rounds_and_are_checked_against_eager(capsys):
 
 
 def test_markdown_and_csv(capsys):
-    status, out, _ = run(capsys, "--dtype", "float32", "--no-channels-last")
+    status, out, _ = run(capsys, "--dtype", "float32", "--no-channels-last", "--img-size", "48")
     assert status == 0
     lines = out.splitlines()
-    assert "threads, torch" in lines[0] and "median of 2 rounds" in lines[0]
+    assert "threads, torch" in lines[0] and "; 48x48 images, median of 2 rounds" in lines[0]
     # One line per architecture, batch size and variant: ssl and swsl share theirs.
     assert lines[2].startswith("| model | batch | variant |") and "| vs fastest peer |" in lines[2]
     assert len(lines) == 4 + 4
@@ -82,6 +82,7 @@ def test_markdown_and_csv(capsys):
     (["--json", "--csv"], "not allowed with argument"),
     (["--plot", "/no/such/dir/plot.png"], "--plot /no/such/dir/plot.png: the folder /no/such/dir does not exist"),
     (["--plot", "plot.jpeg"], "--plot plot.jpeg: the name must end in .png, .svg or .pdf"),
+    (["--img-size", "16"], "--img-size: must be at least 32 pixels"),
 ])
 def test_bad_arguments(capsys, args, message):
     with pytest.raises(SystemExit) as exit_:
