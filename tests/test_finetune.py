@@ -16,6 +16,7 @@ from models import create_model
 from utils import finetune
 from utils.checkpoint import CheckpointError
 from utils.preprocess import Preprocess
+from utils.run_folder import RunFolder, RunFolderError
 
 from .conftest import REPO, random_state_dict, save_legacy
 
@@ -157,12 +158,18 @@ def test_a_held_out_split_is_the_same_for_the_same_seed(data):
     assert len(held) == 3 * 6 and not set(held) & set(first[0]) and len(first[0]) + len(held) == len(samples)
 
 
-def test_last_pth_is_written_atomically(tmp_path):
-    path = tmp_path / "last.pth"
-    finetune.save_atomically({"epoch": 1}, path)
+def test_files_are_written_atomically_under_names_of_their_own(tmp_path):
+    folder = RunFolder(tmp_path / "run")
+    folder.save({"epoch": 1}, "last.pth")
     with pytest.raises(Exception):  # noqa: B017  (what pickling a lambda raises varies)
-        finetune.save_atomically({"epoch": 2, "bad": lambda: None}, path)
-    assert torch.load(path, weights_only=True) == {"epoch": 1} and [p.name for p in tmp_path.iterdir()] == ["last.pth"]
+        folder.save({"epoch": 2, "bad": lambda: None}, "last.pth")
+    assert torch.load(tmp_path / "run" / "last.pth", weights_only=True) == {"epoch": 1}
+    (tmp_path / "run" / "best.pth").mkdir()  # something in the way: the write succeeds, the rename fails
+    (tmp_path / "run" / "best.pth" / "x").touch()
+    with pytest.raises(RunFolderError, match=r"could not save .*best.pth \(.*; [\d,]+ MiB free in .*\); the previous"):
+        folder.save({"epoch": 2}, "best.pth")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock", "best.pth", "last.pth"]
+    folder.close()
 
 
 def test_two_processes_under_torchrun(data, pretrained, tmp_path):
@@ -245,15 +252,16 @@ def test_resume_with_other_classes_or_model_is_refused(trained, data, pretrained
     train, _ = data
     before = (trained / "last.pth").read_bytes()
     assert finetune_main(train, "--output", trained, "--weights", pretrained, *RECIPE) == 2  # a new run over it
-    assert "already holds a run: --resume" in capsys.readouterr().err and (trained / "last.pth").read_bytes() == before
+    err = capsys.readouterr().err
+    assert re.search(r"already holds a run \(last.pth, .*\): --resume .*last.pth continues it", err), err
+    assert (trained / "last.pth").read_bytes() == before
     assert finetune_main(train, "--output", trained / "last.pth", *RECIPE) == 2
     assert "is a file: give a folder" in capsys.readouterr().err
     other = make_images(tmp_path / "other", 6, seed=3)
     (other / "grass").rename(other / "moss")
-    status = finetune_main(other, "--output", tmp_path / "o", "--resume", trained / "last.pth", "--device", "cpu")
+    status = finetune_main(other, "--resume", trained / "last.pth", "--device", "cpu")
     assert status == 2 and "was trained on the classes" in capsys.readouterr().err
-    status = finetune_main(train, "--output", tmp_path / "o", "--resume", trained / "last.pth",
-                           "--model", "resnet50_ssl")
+    status = finetune_main(train, "--resume", trained / "last.pth", "--model", "resnet50_ssl")
     assert status == 2 and "--model resnet50_ssl differs from the run being resumed (resnet18_ssl)" in \
         capsys.readouterr().err
 
@@ -474,8 +482,11 @@ def test_without_matplotlib_the_run_says_at_once_that_there_will_be_no_curves(da
     assert out.splitlines()[1] == ("note: curves.png will not be drawn: matplotlib is not installed "
                                    "(pip install matplotlib)")
     assert not (tmp_path / "out" / "curves.png").exists()
-    # Training and validation both show a progress bar on the first process.
-    assert [k["desc"] for k in seen] == ["epoch 1/1", "validation"] and all(k["disable"] is None for k in seen)
+    # Scanning and checking show a bar once they take a second; training and validation on the first process.
+    train_dir = str(train)
+    assert [k["desc"] for k in seen] == [f"scanning {train_dir}", f"scanning {val}", "checking the images",
+                                         "epoch 1/1", "validation"]
+    assert [k.get("delay") for k in seen[:3]] == [1, 1, 1] and all(k["disable"] is None for k in seen[3:])
 
 
 def test_the_help_does_not_call_training_from_random_weights_meaningless(capsys):

@@ -19,11 +19,13 @@ metrics.jsonl (one JSON object per epoch) and curves.png.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
 import random
 import re
+import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -35,7 +37,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, check_format
 from .hardware import check_native
 from .images import IMAGE_SUFFIXES, ImageError, read
 from .inference import (
@@ -49,6 +51,7 @@ from .inference import (
     positive,
 )
 from .preprocess import Preprocess
+from .run_folder import TMP_SUFFIX, RunFolder, run_files
 
 try:  # imported through hubconf.py's private package name
     from ..models import create_model, finetuned
@@ -68,6 +71,7 @@ AUGMENTATIONS = {"crop": "random resized crops and flips", "flip": "the evaluati
 CROP_FROM = 128
 # Images this small (median pixels) decode faster in the main process than through worker processes.
 SMALL_IMAGE = 128 * 128
+MAX_SEED = 2**32 - 1  # seeds the shuffling as seed * 1_000_003 + epoch, within torch's 64 bits
 
 
 class FinetuneError(ValueError):
@@ -77,7 +81,7 @@ class FinetuneError(ValueError):
 # ---- data ------------------------------------------------------------------------------------------------
 
 def class_folders(root: Path, what: str) -> tuple[list[str], list[tuple[Path, int]]]:
-    """The sorted class names under ``root`` and every (image, class index)."""
+    """The sorted class names under ``root`` and every (image, class index); a progress bar after a second."""
     if not root.exists():
         raise FinetuneError(f"{what} {root} does not exist")
     if not root.is_dir():
@@ -86,8 +90,9 @@ def class_folders(root: Path, what: str) -> tuple[list[str], list[tuple[Path, in
     if not folders:
         raise FinetuneError(f"{what} {root} has no class folders: lay the images out as {root}/<class name>/<image>")
     samples, empty = [], []
-    for label, folder in enumerate(folders):
-        images = [p for p in sorted(folder.rglob("*")) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    for label, folder in enumerate(tqdm(folders, desc=f"scanning {root}", unit="class", delay=1, file=sys.stderr,
+                                        leave=False)):
+        images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         samples += [(p, label) for p in images]
         if not images:
             empty.append(folder.name)
@@ -101,9 +106,12 @@ def class_folders(root: Path, what: str) -> tuple[list[str], list[tuple[Path, in
 def split(samples: list[tuple[Path, int]], fraction: float, seed: int) -> tuple[list, list]:
     """Hold out ``fraction`` of each class (at least one image), the same images for the same seed."""
     rng = random.Random(seed)
+    by_class: dict[int, list] = {}
+    for sample in samples:
+        by_class.setdefault(sample[1], []).append(sample)
     train, val = [], []
-    for label in sorted({label for _, label in samples}):
-        mine = [s for s in samples if s[1] == label]
+    for label in sorted(by_class):
+        mine = by_class[label]
         rng.shuffle(mine)
         n = max(1, round(len(mine) * fraction))
         if n >= len(mine):
@@ -120,7 +128,7 @@ def check_readable(samples: list[tuple[Path, int]]) -> list[int]:
     from PIL import Image
 
     bad, areas = [], []
-    for path, _ in samples:
+    for path, _ in tqdm(samples, desc="checking the images", unit="image", delay=1, file=sys.stderr, leave=False):
         try:
             with Image.open(path) as f:
                 areas.append(f.width * f.height)
@@ -136,8 +144,8 @@ def check_readable(samples: list[tuple[Path, int]]) -> list[int]:
 class Augment:
     """Training images: with "crop", a random crop of ``scale`` (a share of the area, 3/4-4/3 aspect),
     resized to the evaluation size and flipped left-right half the time; with "flip", the evaluation
-    transform and flips; with "none", the evaluation transform. Random numbers come from torch, so
-    that DataLoader's per-worker seeds make them reproducible."""
+    transform and flips; with "none", the evaluation transform. The random numbers come from the
+    generator the caller passes: ``Images`` makes one per sample, so nothing depends on --workers."""
 
     def __init__(self, policy: str, preprocess: Preprocess, scale: float, ratio=(3 / 4, 4 / 3)):
         self.policy, self.preprocess, self.size = policy, preprocess, preprocess.crop_size
@@ -145,44 +153,51 @@ class Augment:
         self.mean = torch.tensor(preprocess.mean).view(3, 1, 1)
         self.std = torch.tensor(preprocess.std).view(3, 1, 1)
 
-    def box(self, width: int, height: int) -> tuple[int, int, int, int]:
+    def box(self, width: int, height: int, generator: torch.Generator | None = None) -> tuple[int, int, int, int]:
         area = width * height
         for _ in range(10):
-            target = area * (self.scale[0] + (self.scale[1] - self.scale[0]) * torch.rand(()).item())
-            aspect = math.exp(self.log_ratio[0] + (self.log_ratio[1] - self.log_ratio[0]) * torch.rand(()).item())
+            target = area * (self.scale[0] + (self.scale[1] - self.scale[0]) * torch.rand((), generator=generator))
+            aspect = math.exp(self.log_ratio[0] + (self.log_ratio[1] - self.log_ratio[0])
+                              * torch.rand((), generator=generator))
             w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
             if 0 < w <= width and 0 < h <= height:
-                left = int(torch.randint(0, width - w + 1, ()).item())
-                top = int(torch.randint(0, height - h + 1, ()).item())
+                left = int(torch.randint(0, width - w + 1, (), generator=generator))
+                top = int(torch.randint(0, height - h + 1, (), generator=generator))
                 return left, top, left + w, top + h
         side = min(width, height)  # the centre square, as torchvision falls back
         return (width - side) // 2, (height - side) // 2, (width + side) // 2, (height + side) // 2
 
-    def __call__(self, path: Path) -> Tensor:
+    def __call__(self, path: Path, generator: torch.Generator | None = None) -> Tensor:
         import numpy as np
         from PIL import Image
 
         if self.policy != "crop":
             x = self.preprocess(path)
-            return x.flip(-1) if self.policy == "flip" and torch.rand(()).item() < 0.5 else x
+            return x.flip(-1) if self.policy == "flip" and torch.rand((), generator=generator) < 0.5 else x
         image = read(path)
-        image = image.resize((self.size, self.size), Image.BILINEAR, box=self.box(*image.size))
-        if torch.rand(()).item() < 0.5:
+        image = image.resize((self.size, self.size), Image.BILINEAR, box=self.box(*image.size, generator))
+        if torch.rand((), generator=generator) < 0.5:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
         x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float().div(255)
         return x.sub_(self.mean).div_(self.std)
 
 
 class Images(Dataset):
-    def __init__(self, samples: list[tuple[Path, int]], transform):
-        self.samples, self.transform = samples, transform
+    """(image, label) pairs. With a ``seed``, the transform gets a generator seeded by (seed, epoch,
+    index): each sample's augmentation is the same whichever process or DataLoader worker makes it."""
+
+    def __init__(self, samples: list[tuple[Path, int]], transform, seed: int | None = None):
+        self.samples, self.transform, self.seed, self.epoch = samples, transform, seed, 0
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         path, label = self.samples[index]
-        return self.transform(path), label
+        if self.seed is None:
+            return self.transform(path), label
+        key = hashlib.blake2b(f"{self.seed} {self.epoch} {index}".encode(), digest_size=7).digest()
+        return self.transform(path, torch.Generator().manual_seed(int.from_bytes(key, "little"))), label
 
 
 # ---- the run -----------------------------------------------------------------------------------------------
@@ -304,17 +319,6 @@ def group_lr(optimizer: torch.optim.Optimizer, part: str) -> float | None:
     return next((g["lr"] for g in optimizer.param_groups if g["name"] == part), None)
 
 
-def save_atomically(obj, path: Path) -> None:
-    """Write to a temporary file beside ``path``, then rename: a run killed while saving leaves the
-    previous file whole."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def plot(metrics: list[dict], path: Path, title: str) -> bool:
     """Draw curves.png (False where matplotlib is not installed)."""
     try:
@@ -325,7 +329,7 @@ def plot(metrics: list[dict], path: Path, title: str) -> bool:
     import matplotlib.pyplot as plt
 
     fig = figure(metrics, title)
-    fig.savefig(path)
+    fig.savefig(path, format="png")
     plt.close(fig)
     return True
 
@@ -382,11 +386,12 @@ def last_line(error: Exception) -> str:
     return re.sub(r"^[\w.]*ImageError: ", "", lines[-1])
 
 
-def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m utils.finetune", description=__doc__.split("\n\n")[0],
                                      epilog="The entries: " + ", ".join(WEIGHTS))
     parser.add_argument("train", type=Path, metavar="TRAIN_DIR", help="one folder of images per class")
-    parser.add_argument("--output", type=Path, required=True, metavar="OUT", help="where the results go")
+    parser.add_argument("--output", type=Path, metavar="OUT",
+                        help="a new folder for the run's files (with --resume: the resumed run's folder, the default)")
     parser.add_argument("--model", default="resnet50_swsl", choices=list(WEIGHTS), metavar="ENTRY",
                         help="the pretrained model to start from (default resnet50_swsl; the twelve entries are "
                              "listed below)")
@@ -427,10 +432,27 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
                         help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--dtype", choices=["auto", "float32", *AMP], default="auto",
                         help="mixed precision: auto is bfloat16 (else float16) on a GPU, float32 on a CPU")
-    parser.add_argument("--resume", type=Path, metavar="OUT/last.pth", help="continue the run saved there")
-    parser.add_argument("--seed", type=int, default=0, help="default 0")
+    parser.add_argument("--resume", type=Path, metavar="OUT/last.pth",
+                        help="continue the run saved there, in its folder")
+    parser.add_argument("--seed", type=count, default=0, help=f"0 to {MAX_SEED} (default 0)")
     parser.add_argument("--json", action="store_true", help="print each epoch's metrics as JSON")
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    parser = make_parser()
     args = parser.parse_args(argv)
+    # Which recipe options were given, whatever their value: on --resume only those can disagree. argparse
+    # leaves alone an attribute that the namespace already has, unless the option is given.
+    unset = object()
+    given = parser.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(RECIPE, unset)))
+    args.given = {name for name in RECIPE if getattr(given, name) is not unset}
+    if args.output is None and args.resume is None:
+        parser.error("the following arguments are required: --output (or --resume OUT/last.pth)")
+    if args.seed > MAX_SEED:
+        parser.error(f"--seed: must be at most {MAX_SEED}, got {args.seed}")
+    if not 0 <= args.label_smoothing < 1:
+        parser.error(f"--label-smoothing: must be at least 0 and below 1, got {args.label_smoothing}")
     if args.img_size < MIN_SIZE:
         parser.error(f"--img-size {args.img_size} is below the network's minimum of {MIN_SIZE} pixels "
                      "(it reduces images 32 times)")
@@ -466,16 +488,20 @@ def resume(parser, args: argparse.Namespace) -> dict:
     if not args.resume.is_file():
         raise FinetuneError(f"--resume {args.resume}: no such file")
     try:
+        check_format(args.resume, f"--resume {args.resume}")
         state = torch.load(args.resume, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise FinetuneError(f"--resume {args.resume}: not a run saved by utils.finetune ({e})") from e
+    except CheckpointError as e:
+        raise FinetuneError(f"{str(e).split(': give a file')[0]}: give the last.pth of a run") from None
+    except Exception as e:  # noqa: BLE001  (the first line says what; torch's advice that follows does not apply)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FinetuneError(f"--resume {args.resume}: not a last.pth saved by utils.finetune ({first})") from None
     if not isinstance(state, dict) or "recipe" not in state:
         raise FinetuneError(f"--resume {args.resume}: not a last.pth saved by utils.finetune")
     for name, saved in state["recipe"].items():
         given = getattr(args, name)
         given = str(given) if isinstance(given, Path) else given
-        # Derived values were saved as resolved: a value is only in conflict when it was given.
-        if given != saved and given != parser.get_default(name):
+        # Values were saved as resolved (--backbone-lr from --lr, ...): only one given here can disagree.
+        if name in args.given and given != saved:
             raise FinetuneError(f"--resume: --{name.replace('_', '-')} {given} differs from the run being resumed "
                                 f"({saved}); leave it out to continue that run")
         setattr(args, name, Path(saved) if name == "val" and saved is not None else saved)
@@ -487,13 +513,59 @@ def auto_workers(areas: list[int]) -> int:
     return 0 if sorted(areas)[len(areas) // 2] <= SMALL_IMAGE else min(8, os.cpu_count() or 1)
 
 
+def output_folder(args: argparse.Namespace) -> Path:
+    """Where the run's files go: a folder that holds no other run, outside the data; with --resume, the
+    resumed run's own folder."""
+    if args.resume is not None:
+        own = args.resume.parent
+        if args.output is not None and args.output.resolve() != own.resolve():
+            raise FinetuneError(f"--resume {args.resume} continues in its own folder, {own}; leave --output out "
+                                "(to keep the run as it is, copy that folder first and resume the copy)")
+        return own
+    out = args.output
+    if out.exists() and not out.is_dir():
+        raise FinetuneError(f"--output {out} is a file: give a folder (it is created if missing)")
+    held = run_files(out) if out.is_dir() else []
+    if held:
+        remedy = f"--resume {out / 'last.pth'} continues it; " if "last.pth" in held else ""
+        raise FinetuneError(f"--output {out} already holds a run ({', '.join(held)}): {remedy}choose another "
+                            "--output for a new one")
+    for data in filter(None, (args.train, args.val)):
+        if out.resolve().is_relative_to(data.resolve()):
+            raise FinetuneError(f"--output {out} is inside the images {data}: its files would be read as images; "
+                                "choose a folder outside it")
+    return out
+
+
+def recover_metrics(folder: RunFolder, history: list[dict], resumed: int) -> None:
+    """metrics.jsonl after --resume: lines are only ever appended. A damaged line is named and left; epochs that
+    last.pth (the source of truth) has and the file lacks are appended."""
+    path = folder.path / "metrics.jsonl"
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    seen = set()
+    for number, line in enumerate(text.splitlines(), 1):
+        try:
+            seen.add(json.loads(line)["epoch"])
+        except (ValueError, TypeError, KeyError):
+            print(f"warning: {path}, line {number}, is damaged ({line[:40]!r}); it is left as it is, and the "
+                  f"epochs up to {resumed} come from last.pth", file=sys.stderr)
+    missing = "".join(json.dumps(m) + "\n" for m in history if m["epoch"] not in seen)
+    cut = text and not text.endswith("\n")  # a line cut short: the next one starts on a line of its own
+    if missing or cut:
+        folder.append("metrics.jsonl", "\n" * cut + missing)
+
+
+def checkpoint_bytes(args: argparse.Namespace) -> int:
+    """Room the run's files need at their peak: best.pth, last.pth (weights and optimizer state), and a
+    new last.pth being written beside it."""
+    weights = WEIGHTS[args.model].arch.params * 4
+    last = weights * (2 if args.optimizer == "sgd" else 3)
+    return weights + 2 * last
+
+
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    if args.output.exists() and not args.output.is_dir():
-        raise FinetuneError(f"--output {args.output} is a file: give a folder (it is created if missing)")
-    if not args.resume and (args.output / "last.pth").exists():
-        raise FinetuneError(f"--output {args.output} already holds a run: --resume {args.output / 'last.pth'} "
-                            "continues it; choose another --output for a new one")
     state = resume(parser, args) if args.resume else None
+    args.output = output_folder(args)
     complete_recipe(args)
     classes, samples = class_folders(args.train, "TRAIN_DIR")
     if len(classes) < 2:
@@ -511,10 +583,28 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     else:
         train, val = split(samples, args.val_fraction, args.seed)
     ctx = start(args.device)
+    if state is not None and state.get("processes", 1) != ctx.world:
+        raise FinetuneError(f"--resume {args.resume}: the run was trained on {state.get('processes', 1)} process(es), "
+                            f"and this is {ctx.world}: resume it on as many (torchrun --nproc_per_node "
+                            f"{state.get('processes', 1)}), since the batches each step sees depend on it")
     steps = len(train) // ctx.world // args.batch_size  # per epoch: each process drops its last partial batch
     if steps == 0:
         raise FinetuneError(f"TRAIN_DIR has {len(train)} training images, fewer than one batch ({args.batch_size} "
                             f"x {ctx.world} process(es)): lower --batch-size")
+    folder = RunFolder(args.output) if ctx.main else None  # only the first process writes
+    try:
+        if folder is not None:
+            if state is None and run_files(folder.path):  # another run finished there since output_folder looked
+                raise FinetuneError(f"--output {args.output} already holds a run ({', '.join(run_files(folder.path))})"
+                                    ": choose another --output for a new one")
+            folder.check_space(checkpoint_bytes(args))
+        return train_and_save(args, state, classes, train, val, ctx, steps, folder)
+    finally:
+        if folder is not None:
+            folder.close()
+
+
+def train_and_save(args, state, classes, train, val, ctx: Context, steps: int, folder: RunFolder | None) -> int:
     areas = check_readable(train + val)
     if args.workers is None:
         args.workers = auto_workers(areas)
@@ -539,7 +629,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp == torch.float16)
     net = nn.parallel.DistributedDataParallel(model) if ctx.world > 1 else model
 
-    first, best, best_epoch, metrics = 1, -1.0, 0, []
+    first, best, best_epoch, history = 1, -1.0, 0, []
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -547,23 +637,22 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         scaler.load_state_dict(state["scaler"])
         first, best, best_epoch = state["epoch"] + 1, state["best_top1"], state.get("best_epoch", state["epoch"])
         description["finetuning"]["result"] = state.get("result", {})
-    args.output.mkdir(parents=True, exist_ok=True)
-    metrics_path = args.output / "metrics.jsonl"
-    if ctx.main:
-        (args.output / "classes.txt").write_text("".join(f"{c}\n" for c in classes), encoding="utf-8")
-        if metrics_path.exists() and state is not None:  # drop epochs after the one resumed from
-            metrics = [m for m in map(json.loads, metrics_path.read_text().splitlines()) if m["epoch"] < first]
-        metrics_path.write_text("".join(json.dumps(m) + "\n" for m in metrics))
+        history = list(state.get("history", []))
+    if folder is not None:
+        folder.write_text("classes.txt", "".join(f"{c}\n" for c in classes))
+        if state is not None:
+            recover_metrics(folder, history, first - 1)
         announce(args, classes, len(train), len(val), ctx)
 
     loss_fn = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
-    dataset = Images(train, train_transform)
+    dataset = Images(train, train_transform, seed=args.seed)
     last = min(args.epochs, args.stop_after or args.epochs)
     title = f"{args.model} on {args.train} ({len(classes)} classes, {args.img_size} px)"
     began = time.perf_counter()
     for epoch in range(first, last + 1):
-        # Every epoch's randomness follows from --seed and the epoch alone, so a resumed run repeats it exactly.
-        torch.manual_seed(args.seed * 1_000_003 + epoch)
+        # The order follows from --seed and the epoch, each image's augmentation from them and its index: a
+        # resumed run repeats them exactly, with any --workers.
+        dataset.epoch = epoch
         sampler = (torch.utils.data.DistributedSampler(dataset, ctx.world, ctx.rank, shuffle=True, seed=args.seed,
                                                        drop_last=True) if ctx.world > 1 else None)
         if sampler is not None:
@@ -577,7 +666,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         train_seconds = time.perf_counter() - start_time
         top1, top5, val_loss = validate(model, val, val_transform, args, ctx, len(classes))
         now = time.perf_counter()
-        if not ctx.main:
+        if folder is None:
             continue
         elapsed = now - began
         record = {"epoch": epoch, "train_loss": round(train_loss, 6), "val_loss": round(val_loss, 6),
@@ -585,20 +674,19 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                   "lr": group_lr(optimizer, "head"), "backbone_lr": group_lr(optimizer, "backbone"),
                   "images_per_second": round(seen / train_seconds, 2), "epoch_seconds": round(now - start_time, 3),
                   "elapsed_seconds": round(elapsed, 3), "processes": ctx.world}
+        history.append(record)
         if top1 > best:
             best, best_epoch = top1, epoch
             description["finetuning"]["result"] = {"epoch": epoch, "val_top1": top1,
                                                    **({"val_top5": top5} if top5 is not None else {})}
-            save_atomically({"model": model.state_dict(), finetuned.KEY: description}, args.output / "best.pth")
-        save_atomically({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "schedule": schedule.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                         "best_top1": best, "best_epoch": best_epoch, "result": description["finetuning"]["result"],
-                         "classes": classes, "entry": args.model, "recipe": recipe, finetuned.KEY: description,
-                         "rng": {"torch": torch.get_rng_state()}}, args.output / "last.pth")
-        metrics.append(record)
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        plot(metrics, args.output / "curves.png", title)
+            folder.save({"model": model.state_dict(), finetuned.KEY: description}, "best.pth")
+        folder.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "schedule": schedule.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+                     "best_top1": best, "best_epoch": best_epoch, "result": description["finetuning"]["result"],
+                     "classes": classes, "entry": args.model, "recipe": recipe, "processes": ctx.world,
+                     "history": history, finetuned.KEY: description}, "last.pth")
+        folder.append("metrics.jsonl", json.dumps(record) + "\n")
+        plot_to(folder, history, title)
         stop = args.patience is not None and epoch - best_epoch >= args.patience
         eta = 0 if stop else elapsed / (epoch - first + 1) * (last - epoch)
         if args.json:
@@ -612,11 +700,25 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             print(f"no better validation top-1 for {args.patience} epochs (--patience): stopping early; the best "
                   f"was epoch {best_epoch}", file=sys.stderr if args.json else sys.stdout, flush=True)
             break
-    if ctx.main and not args.json:
-        print(f"best val top-1 {best:.1f}% (epoch {best_epoch}): {args.output / 'best.pth'} "
-              f"(torch.hub.load(..., {args.model!r}, weights={str(args.output / 'best.pth')!r}) or --weights "
-              f"{args.output / 'best.pth'} for the other commands)")
+    if folder is not None and not args.json:
+        best_file = args.output / "best.pth"
+        where = (f"{best_file} (torch.hub.load(..., {args.model!r}, weights={str(best_file)!r}) or --weights "
+                 f"{best_file} for the other commands)" if best_file.exists() else
+                 f"{args.resume} (no best.pth was written in this folder)")  # best epoch before the folder's run
+        print(f"best val top-1 {best:.1f}% (epoch {best_epoch}): {where}")
     return 0
+
+
+def plot_to(folder: RunFolder, history: list[dict], title: str) -> None:
+    """curves.png, written like the other files: beside its place, then renamed."""
+    tmp = folder.path / f".curves.png.{os.getpid()}{TMP_SUFFIX}"
+    try:
+        if plot(history, tmp, title):
+            os.replace(tmp, folder.path / "curves.png")
+    except OSError as e:
+        print(f"warning: curves.png could not be written ({e.strerror}); the run goes on", file=sys.stderr)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def announce(args: argparse.Namespace, classes: list[str], n_train: int, n_val: int, ctx: Context) -> None:
@@ -641,15 +743,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args, parser)
     except ImageError as e:  # damage that the check before training cannot see, e.g. a truncated JPEG
-        print(f"error: {last_line(e)}; the run stops: remove or replace the image, then --resume "
-              f"{args.output / 'last.pth'} (if an epoch has finished) or start again", file=sys.stderr)
+        print(f"error: {last_line(e)}; the run stops: remove or replace the image, then {resume_advice(args)}",
+              file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {resume_advice(args)}", file=sys.stderr)
+        return 130
     except (FinetuneError, ValueError, FileNotFoundError, CheckpointError) as e:
         print(f"error: {in_command_terms(e)}", file=sys.stderr)
         return 2
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def resume_advice(args: argparse.Namespace) -> str:
+    """How to go on from where the run stopped."""
+    last = args.output / "last.pth" if args.output is not None else args.resume
+    if last is not None and last.exists():
+        return f"python -m utils.finetune {shlex.quote(str(args.train))} --resume {shlex.quote(str(last))} continues"
+    return "no epoch had finished: start again"
 
 
 if __name__ == "__main__":
