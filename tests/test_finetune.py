@@ -137,16 +137,50 @@ def test_a_contradicting_entry_or_head_size_is_one_error_naming_what_the_file_ho
     assert features(torch.randn(1, 3, 64, 64)).shape == (1, 512) and features.pretrained_cfg["classes"] is None
 
 
-def test_resume_continues_exactly(trained, data, pretrained, tmp_path):
+def test_resume_continues_exactly_with_other_workers(trained, data, pretrained, tmp_path):
+    """Two epochs' worth of decoding in 2 worker processes, then the rest in the main one: the same weights,
+    metrics and best epoch, bit for bit, as the uninterrupted run with --workers 0."""
     train, val = data
     out = tmp_path / "out"
-    first = [train, "--output", out, "--val", val, "--weights", pretrained, *RECIPE, "--stop-after", "1"]
+    first = [train, "--output", out, "--val", val, "--weights", pretrained, *RECIPE, "--workers", "2",
+             "--stop-after", "1"]
     assert finetune_main(*first) == 0
     assert [r["epoch"] for r in metrics(out)] == [1]
-    assert finetune_main(train, "--output", out, "--resume", out / "last.pth", "--workers", "0", "--device", "cpu") == 0
-    once, resumed = (torch.load(d / "last.pth", weights_only=True)["model"] for d in (trained, out))
-    assert all(torch.allclose(once[k].float(), resumed[k].float(), rtol=1e-5, atol=1e-6) for k in once)
-    assert [r["val_top1"] for r in metrics(out)] == [r["val_top1"] for r in metrics(trained)]
+    assert finetune_main(train, "--resume", out / "last.pth", "--workers", "0", "--device", "cpu") == 0
+    once, resumed = (torch.load(d / "last.pth", weights_only=True) for d in (trained, out))
+    assert all(torch.equal(once["model"][k], resumed["model"][k]) for k in once["model"])
+    assert (once["best_epoch"], once["best_top1"]) == (resumed["best_epoch"], resumed["best_top1"])
+    best_once, best_resumed = (torch.load(d / "best.pth", weights_only=True)["model"] for d in (trained, out))
+    assert all(torch.equal(best_once[k], best_resumed[k]) for k in best_once)
+    fields = ("epoch", "train_loss", "val_loss", "val_top1", "lr")
+    assert [[r[f] for f in fields] for r in metrics(out)] == [[r[f] for f in fields] for r in metrics(trained)]
+
+
+def test_each_samples_augmentation_depends_on_the_seed_the_epoch_and_its_index_alone(data):
+    train, _ = data
+    _, samples = finetune.class_folders(train, "TRAIN_DIR")
+    evaluation = Preprocess(64, 64, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    dataset = finetune.Images(samples, finetune.Augment("crop", evaluation, 0.08), seed=3)
+    dataset.epoch = 2
+    forward = [dataset[i][0] for i in (5, 6, 7)]
+    torch.manual_seed(123)  # the global generator, which each DataLoader worker seeds its own way, plays no part
+    assert all(torch.equal(x, dataset[i][0]) for x, i in zip(forward, (5, 6, 7)))
+    dataset.epoch = 3
+    assert not torch.equal(forward[0], dataset[5][0])
+
+
+def test_a_derived_learning_rate_resumes_without_being_given_again(data, tmp_path, capsys):
+    train, val = data
+    out = tmp_path / "out"
+    recipe = [*RECIPE]
+    recipe[recipe.index("--epochs") + 1] = "2"
+    assert finetune_main(train, "--output", out, "--val", val, "--no-pretrained", *recipe, "--lr", "0.05",
+                         "--stop-after", "1") == 0
+    # --epochs 2 as saved is accepted; --epochs 10, the default value but given, is refused like any other.
+    assert finetune_main(train, "--resume", out / "last.pth", "--epochs", "10") == 2
+    assert "--epochs 10 differs from the run being resumed (2)" in capsys.readouterr().err
+    assert finetune_main(train, "--resume", out / "last.pth", "--epochs", "2") == 0
+    assert torch.load(out / "last.pth", weights_only=True)["recipe"]["backbone_lr"] == 0.05
 
 
 def test_a_held_out_split_is_the_same_for_the_same_seed(data):
@@ -172,7 +206,7 @@ def test_files_are_written_atomically_under_names_of_their_own(tmp_path):
     folder.close()
 
 
-def test_two_processes_under_torchrun(data, pretrained, tmp_path):
+def test_two_processes_under_torchrun(data, pretrained, tmp_path, capsys):
     train, val = data
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -186,6 +220,9 @@ def test_two_processes_under_torchrun(data, pretrained, tmp_path):
     assert [r["epoch"] for r in rows] == [1, 2, 3] and all(r["processes"] == 2 for r in rows)
     assert max(r["val_top1"] for r in rows) >= 90
     assert [json.loads(line)["epoch"] for line in result.stdout.splitlines()] == [1, 2, 3]  # rank 0 prints once
+    # On one process the steps would see other batches: resuming there is refused, saying why.
+    assert finetune_main(train, "--resume", out / "last.pth", "--device", "cpu") == 2
+    assert "the run was trained on 2 process(es), and this is 1: resume it on as many" in capsys.readouterr().err
 
 
 def test_a_failing_process_takes_the_others_down(data, pretrained, tmp_path):
@@ -272,6 +309,9 @@ def test_resume_with_other_classes_or_model_is_refused(trained, data, pretrained
     (["--lr", "nan"], "--lr: must be a finite number >= 0"),
     (["--img-size", "24"], "--img-size 24 is below the network's minimum of 32 pixels"),
     (["--model", "resnet19_ssl"], "invalid choice: 'resnet19_ssl'"),
+    (["--label-smoothing", "2"], "--label-smoothing: must be at least 0 and below 1, got 2.0"),
+    (["--seed", "99999999999999999999"], "--seed: must be at most 4294967295"),
+    (["--seed", "-1"], "--seed: must be 0 or more"),
 ])
 def test_bad_options_exit_2_with_a_one_line_error(args, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -494,3 +534,134 @@ def test_the_help_does_not_call_training_from_random_weights_meaningless(capsys)
         finetune.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "meaningless" not in text and "train from random weights instead of the published ones" in text
+
+
+# ---- one run per folder; errors before the work --------------------------------------------------------------
+
+def test_a_second_run_into_a_folder_in_use_is_refused_at_once(data, tmp_path, capsys):
+    train, val = data
+    busy = RunFolder(tmp_path / "out")  # what a live run holds
+    try:
+        assert finetune_main(train, "--output", tmp_path / "out", "--val", val, "--no-pretrained", *RECIPE) == 2
+    finally:
+        busy.close()
+    assert "another run is writing there now: wait for it to end" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".lock"]
+
+
+def test_a_folder_holding_any_run_file_is_never_reused_and_resume_stays_in_its_own_folder(trained, data, tmp_path,
+                                                                                           capsys):
+    train, val = data
+    kept = tmp_path / "kept"  # last.pth deleted to save space: best.pth and metrics.jsonl remain
+    kept.mkdir()
+    for name in ("best.pth", "metrics.jsonl"):
+        (kept / name).write_bytes((trained / name).read_bytes())
+    before = {p.name: p.read_bytes() for p in kept.iterdir()}
+    assert finetune_main(train, "--output", kept, "--val", val, "--no-pretrained", *RECIPE) == 2
+    assert "already holds a run (best.pth, metrics.jsonl): choose another --output" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in kept.iterdir()} == before
+    other = tmp_path / "other"
+    assert finetune_main(train, "--output", other, "--resume", trained / "last.pth") == 2
+    assert f"continues in its own folder, {trained}; leave --output out" in capsys.readouterr().err
+    assert not other.exists()
+
+
+@pytest.mark.parametrize("where", ["train", "val"])
+def test_an_output_inside_the_data_is_refused(where, data, tmp_path, capsys):
+    train, val = data
+    inside = {"train": train / "grass" / "run", "val": val / "run"}[where]
+    assert finetune_main(train, "--output", inside, "--val", val, "--no-pretrained", *RECIPE) == 2
+    assert "is inside the images" in capsys.readouterr().err and not inside.exists()
+
+
+def test_a_damaged_metrics_line_is_named_and_the_run_recovers_from_last_pth(data, tmp_path, capsys):
+    train, val = data
+    out = tmp_path / "out"
+    recipe = [*RECIPE]
+    recipe[recipe.index("--epochs") + 1] = "2"
+    assert finetune_main(train, "--output", out, "--val", val, "--no-pretrained", *recipe, "--stop-after", "1") == 0
+    (out / "metrics.jsonl").write_text('{"epo')  # epoch 1's line lost, and a line cut short
+    (out / ".last.pth.0123456789ab.tmp").write_bytes(b"x" * 1000)  # what a save killed by SIGKILL leaves
+    capsys.readouterr()
+    assert finetune_main(train, "--resume", out / "last.pth") == 0
+    assert f"warning: {out / 'metrics.jsonl'}, line 1, is damaged" in capsys.readouterr().err
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert lines[0] == '{"epo' and [json.loads(line)["epoch"] for line in lines[1:]] == [1, 2]
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_errors_before_the_work_are_one_line(data, tmp_path, capsys, monkeypatch):
+    train, val = data
+    (tmp_path / "a file").write_text("x")
+    assert finetune_main(train, "--output", tmp_path / "a file" / "out", "--val", val, "--no-pretrained", *RECIPE) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "cannot write there (Not a directory): choose a folder you can write" in err
+    # Too little room for the checkpoints: refused before the model is built, not after an epoch.
+    from utils import run_folder
+    monkeypatch.setattr(run_folder.shutil, "disk_usage", lambda path: type("U", (), {"free": 10 * 2**20})())
+    monkeypatch.setattr(finetune, "build_model", lambda *a: pytest.fail("the model was built"))
+    assert finetune_main(train, "--output", tmp_path / "out", "--val", val, "--no-pretrained", *RECIPE) == 2
+    assert re.search(r"10 MiB free, and the run's checkpoints need about 2\d\d MiB", capsys.readouterr().err)
+    (tmp_path / "notes.txt").write_text("not a checkpoint\n")
+    assert finetune_main(train, "--resume", tmp_path / "notes.txt") == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "it holds text of 17 bytes: give the last.pth of a run" in err
+
+
+def test_a_full_disk_during_a_save_is_one_line_naming_the_folder_and_the_free_space(tmp_path):
+    # A file-size limit makes the write fail as a full disk does, partway through.
+    code = f"""
+import resource, signal, sys, torch
+from pathlib import Path
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+from utils.run_folder import RunFolder
+folder = RunFolder(Path({str(tmp_path / 'out')!r}))
+folder.save({{"w": torch.zeros(10)}}, "last.pth")
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+folder.save({{"w": torch.zeros(1_000_000)}}, "last.pth")
+"""
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    message = done.stderr.strip().splitlines()[-1]
+    assert re.search(r"RunFolderError: could not save .*out/last.pth \(.*; [\d,]+ MiB free in .*out\); the previous "
+                     r"last.pth, if any, is as it was$", message), done.stderr
+    assert torch.load(tmp_path / "out" / "last.pth", weights_only=True)["w"].shape == (10,)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".lock", "last.pth"]
+
+
+def test_ctrl_c_prints_the_command_that_resumes_and_exits_130(data, tmp_path):
+    import signal
+    import time
+
+    train, val = data
+    out = tmp_path / "out"
+    recipe = [*RECIPE]
+    recipe[recipe.index("--epochs") + 1] = "50"
+    process = subprocess.Popen([sys.executable, "-m", "utils.finetune", str(train), "--output", str(out), "--val",
+                                str(val), "--no-pretrained", *recipe], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        for line in process.stdout:  # the first epoch is saved: then interrupt
+            if line.startswith("epoch 1/50"):
+                break
+        time.sleep(0.5)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == (f"interrupted: python -m utils.finetune {train} --resume "
+                                            f"{out / 'last.pth'} continues")
+
+
+def test_splitting_reads_the_samples_once_however_many_classes():
+    class Counted(list):
+        passes = 0
+
+        def __iter__(self):
+            Counted.passes += 1
+            return super().__iter__()
+
+    samples = Counted((f"/d/{c}/{i}.png", c) for c in range(300) for i in range(4))
+    train, val = finetune.split(samples, 0.25, seed=0)
+    assert Counted.passes == 1 and len(val) == 300 and len(train) == 900
