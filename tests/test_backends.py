@@ -203,3 +203,62 @@ def test_outputs_belong_to_the_caller(classifier, backend):
     kept = first.clone()
     fast(torch.randn(2, 3, 64, 64))
     assert torch.equal(first, kept)
+
+
+# ---- never silently wrong: fresh weights, independent copies, non-finite inputs, empty batches -----------
+
+ALL = ["torch", *PEERS, "auto"]
+
+
+@pytest.fixture(scope="module")
+def feature_maps():
+    return trained_like("resnet18_ssl", features_only=True)
+
+
+def test_weights_changed_through_data_are_seen_by_every_backend():
+    model = trained_like("resnet18_ssl")
+    x = torch.randn(2, 3, 64, 64)
+    for backend in ALL:
+        optimize_for_inference(model, backend=backend)(x)  # exported (and kept) with the first weights
+    model.fc.weight.data.mul_(0.5)  # no version counter moves
+    model.layer4[1].conv2.weight.data[0] = 0.01
+    with torch.no_grad():
+        expected = model(x)
+    for backend in ALL:
+        assert relative_error(optimize_for_inference(model, backend=backend)(x), expected) < 1e-4, backend
+
+
+def test_every_backend_returns_an_independent_copy():
+    model = trained_like("resnet18_ssl")
+    x = torch.randn(2, 3, 64, 64)
+    fast = {backend: optimize_for_inference(model, backend=backend) for backend in ALL}
+    before = {backend: f(x).clone() for backend, f in fast.items()}
+    mine = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    for f in fast.values():
+        assert not any(t.untyped_storage().data_ptr() in mine for t in [*f.parameters(), *f.buffers()])
+    model.train()  # one training step on the original
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    torch.nn.functional.cross_entropy(model(torch.randn(4, 3, 64, 64)), torch.tensor([0, 1, 2, 3])).backward()
+    optimizer.step()
+    for backend, f in fast.items():
+        assert torch.equal(f(x), before[backend]), backend
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_non_finite_image_gets_nan_outputs_on_every_backend(backend, value, classifier, feature_maps):
+    x = torch.randn(3, 3, 64, 64)
+    x[1, :, 10:20, 10:20] = value
+    out = optimize_for_inference(classifier, backend=backend)(x)
+    assert out[1].isnan().all() and out[[0, 2]].isfinite().all()
+    with torch.no_grad():
+        assert relative_error(out[[0, 2]], classifier(x[[0, 2]])) < 1e-4
+    maps = optimize_for_inference(feature_maps, backend=backend)(x)
+    assert all(m[1].isnan().all() and m[[0, 2]].isfinite().all() for m in maps)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_an_empty_batch_gives_empty_outputs(backend, classifier, feature_maps):
+    assert optimize_for_inference(classifier, backend=backend)(torch.zeros(0, 3, 64, 64)).shape == (0, 1000)
+    maps = optimize_for_inference(feature_maps, backend=backend)(torch.zeros(0, 3, 64, 64))
+    assert [tuple(m.shape) for m in maps] == [(0, 64, 16, 16), (0, 128, 8, 8), (0, 256, 4, 4), (0, 512, 2, 2)]

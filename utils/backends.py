@@ -2,11 +2,16 @@
 
 Both runtimes read the model's ONNX export (``utils.export.onnx_program``). The export takes seconds,
 so it is made once per model and weights and kept while the model lives: a second
-``optimize_for_inference`` of the same model reuses it, and its runtime sessions too. Changing the
-weights in place (an optimizer step, ``load_state_dict``) makes the next call export afresh.
+``optimize_for_inference`` of the same model reuses it, and its runtime sessions too. The weights are
+recognised by their content (a hash of every tensor's bytes), so any change to them (an optimizer
+step, ``load_state_dict``, an edit through ``.data``) makes the next call export afresh.
+
+Every backend answers a non-finite input as eager PyTorch would: the outputs of an image with a NaN
+or an infinity are NaN (fused ReLUs and some runtimes would otherwise turn them into finite numbers).
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import logging
 import queue
@@ -58,9 +63,15 @@ _EXPORTS: weakref.WeakKeyDictionary[nn.Module, _Exported] = weakref.WeakKeyDicti
 
 
 def _fingerprint(model: nn.Module) -> tuple:
-    """Changes when any tensor of the model is replaced or modified in place (its version counter)."""
-    return tuple((name, t.data_ptr(), t._version, tuple(t.shape), t.dtype)
-                 for name, t in model.state_dict(keep_vars=True).items())
+    """The model's tensors by name, shape, type and a hash of their bytes: changes whenever a value does,
+    however it was changed (the version counter misses edits through ``.data``)."""
+    digest = hashlib.blake2b(digest_size=16)
+    layout = []
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        digest.update(t.view(-1).view(torch.uint8).numpy() if t.numel() else b"")
+        layout.append((name, tuple(t.shape), t.dtype))
+    return tuple(layout), digest.hexdigest()
 
 
 def _exported(model: nn.Module) -> _Exported:
@@ -142,6 +153,16 @@ def check_float(x) -> None:
                         + ": use model.preprocess(image) to make one")
 
 
+def keep_nonfinite(x: Tensor, out: Tensor | list[Tensor]) -> Tensor | list[Tensor]:
+    """``out`` with NaN in every output of an image of ``x`` that holds a NaN or an infinity."""
+    bad = ~torch.isfinite(x).flatten(1).all(dim=1) if x.dim() > 1 else None
+    if bad is None or not bad.any():
+        return out
+    for o in [out] if isinstance(out, Tensor) else out:
+        o[bad.to(o.device)] = float("nan")
+    return out
+
+
 class InferenceOnly(nn.Module):
     """Refuses .train(): the BatchNorm layers are folded away, or the model lives in another runtime."""
 
@@ -170,8 +191,11 @@ class PeerModel(InferenceOnly):
             raise TypeError(f"backend={self.backend!r} runs on the CPU, but the input is on {x.device}: use x.cpu()")
         x = x.detach().to(torch.float32)
         check_input(x, _CPU_FLOAT32)
+        if len(x) == 0:  # a runtime may refuse an empty batch: answer for one image, and keep none of it
+            return [o[:0] for o in self(torch.zeros(1, *x.shape[1:]))] if self.features else self(x.new_zeros(
+                1, *x.shape[1:]))[:0]
         outputs = [torch.from_numpy(y) for y in self.runner(np.ascontiguousarray(x.numpy()))]
-        return outputs if self.features else outputs[0]
+        return keep_nonfinite(x, outputs if self.features else outputs[0])
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}, dtype={self.dtype}"

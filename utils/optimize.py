@@ -124,7 +124,8 @@ class InferenceModel(backends.InferenceOnly):
         x = x.to(dtype=self.dtype, memory_format=self.memory_format) if x.dim() == 4 else x.to(self.dtype)
         with torch.no_grad():
             out = self.model(x)
-        return out.float() if isinstance(out, Tensor) else [o.float() for o in out]
+        out = out.float() if isinstance(out, Tensor) else [o.float() for o in out]
+        return backends.keep_nonfinite(x, out)
 
     def extra_repr(self) -> str:
         return f"dtype={self.dtype}, memory_format={self.memory_format}"
@@ -170,10 +171,11 @@ def _is_foldable(module: nn.Module) -> bool:
 
 
 def _convert_tensors(model: nn.Module, dtype: torch.dtype, memory_format: torch.memory_format) -> None:
-    """Give each module new tensors in ``dtype`` and ``memory_format``. Module.to() would convert
-    the tensors in place, and they may still be shared with the original model."""
+    """Give each module new tensors of its own in ``dtype`` and ``memory_format``: the optimised model
+    is an independent copy. Module.to() would convert the tensors in place, and they may still be
+    shared with the original model."""
     def convert(t: Tensor) -> Tensor:
-        t = t.to(dtype) if t.is_floating_point() else t
+        t = t.to(dtype, copy=True) if t.is_floating_point() else t.clone()
         return t.contiguous(memory_format=memory_format) if t.dim() == 4 else t
 
     for module in model.modules():
