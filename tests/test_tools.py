@@ -78,6 +78,24 @@ def test_classify_reports_bad_files_and_classifies_the_rest(model_and_weights, c
     assert "broken.jpg: not a readable image" in err and "missing.png: no such file" in err
 
 
+def test_glob_patterns_find_what_glob_finds_and_are_bounded_by_link_loops(tmp_path):
+    import glob as glob_module
+
+    root = tmp_path / "data"
+    for name in ("a/b/x.jpg", "a/y.JPG", "c/z.png", "c/.hidden.jpg", ".dot/w.jpg", "top.jpg"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).touch()
+    patterns = ["**/*.jpg", "*/*.jpg", "a/**/*", "**/[!x]*.*", "c/?.png", "**/.*.jpg", "**"]
+    for pattern in patterns:  # without loops, exactly what glob.glob(recursive=True) finds
+        expected = sorted(p for p in glob_module.glob(str(root / pattern), recursive=True) if os.path.isfile(p))
+        assert [str(p) for p in classify.glob_files(str(root / pattern))] == expected, pattern
+    for folder in ("a", "a/b", "c", ".dot"):  # a loop in each folder: glob's search grows exponentially
+        (root / folder / "loop").symlink_to("..")
+    code = f"from utils.classify import find_images; print(len(find_images([{str(root / '**/*.jpg')!r}])[0]))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "2", done.stderr
+
+
 def test_classify_text_output_and_default_samples(model_and_weights, capsys):
     model, weights = model_and_weights
     status, out, _ = run_classify(capsys, "--weights", weights, "--topk", "2")
