@@ -7,7 +7,6 @@ import sys
 
 import pytest
 import torch
-from PIL import Image
 
 from models import WEIGHTS
 from models.registry import markdown_table
@@ -64,7 +63,12 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert ci[-1] == command
 
 
-EXAMPLES = [block for block in code_blocks("python") if 'torch.hub.load("OWNER/REPO"' in block]
+EXAMPLES = [block for block in code_blocks("python") if 'torch.hub.load(".", ' in block]
+
+
+def test_the_readme_examples_are_found():
+    firsts = [block.split("\n")[0] for block in EXAMPLES]
+    assert len(EXAMPLES) == 6 and firsts[0] == "import torch", firsts  # a changed wording must not empty the list
 
 
 @pytest.mark.parametrize("block", EXAMPLES, ids=lambda b: b.split("\n")[0][:40])
@@ -73,12 +77,19 @@ def test_readme_examples_run(block, torch_home, tmp_path, monkeypatch):
     recorded as verified there (a generated file cannot have the published hash)."""
     cache = torch_home / "hub" / "checkpoints"
     cache.mkdir(parents=True)
-    for entry in set(re.findall(r'"OWNER/REPO", "(\w+)"', block)):
+    for entry in set(re.findall(r'torch\.hub\.load\("\.", "(\w+)"', block)):
         path = cache / WEIGHTS[entry].file_name
         torch.save(random_state_dict(entry), path, _use_new_zipfile_serialization=False)
         checkpoint._record(path, WEIGHTS[entry].hash_prefix.ljust(64, "0"))
-    Image.new("RGB", (640, 480), (120, 80, 40)).save(tmp_path / "cat.jpg")
+    if "runs/flowers/best.pth" in block:  # what python -m utils.finetune saves
+        from models import finetuned
+        state = random_state_dict("resnet50_swsl")
+        state["fc.weight"], state["fc.bias"] = state["fc.weight"][:5], state["fc.bias"][:5]
+        described = finetuned.describe("resnet50_swsl", ["daisy", "dandelion", "rose", "sunflower", "tulip"], 224,
+                                       0.875, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), {})
+        (tmp_path / "runs" / "flowers").mkdir(parents=True)
+        torch.save({"model": state, "pretrained_cfg": described}, tmp_path / "runs" / "flowers" / "best.pth")
     monkeypatch.chdir(tmp_path)
-    code = re.sub(r'torch\.hub\.load\("OWNER/REPO", ("\w+")', rf'torch.hub.load({str(REPO)!r}, \1, source="local"',
-                  block)
+    code = block.replace('torch.hub.load(".", ', f"torch.hub.load({str(REPO)!r}, ").replace(
+        '"utils/samples/', f'"{REPO / "utils" / "samples"}/')
     exec(compile(code, "README.md", "exec"), {"torch": torch})

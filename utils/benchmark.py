@@ -23,6 +23,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -280,6 +281,13 @@ def check_plot_path(parser: argparse.ArgumentParser, path: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         parser.error(f"--plot {path}: the folder {folder} does not exist")
+    if os.path.isdir(path):
+        parser.error(f"--plot {path} is a folder: give a file name")
+    try:  # can the plot be written there? Found out now, with an empty file that is removed again
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".plot-check."):
+            pass
+    except OSError as e:
+        parser.error(f"--plot {path}: cannot write in {folder} ({e.strerror})")
 
 
 def main(argv: list[str] | None = None) -> int:

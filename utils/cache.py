@@ -12,16 +12,22 @@ running (its lock is held) are left alone.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
 from . import download
-from .checkpoint import cache_dir, sha256
+from .checkpoint import RECORDS, cache_dir, sha256, verified_records
 
 try:  # imported through hubconf.py's private package name
     from ..models import WEIGHTS
 except ImportError:  # run from the repository root: python -m utils.cache
     from models import WEIGHTS
+
+
+PUBLISHED = {w.file_name: entry for entry, w in WEIGHTS.items()}
+URL_DIGEST = re.compile(r"\.[0-9a-f]{12}(\.[^./]{1,15})?$")  # checkpoint.cache_name's files from a URL
+LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?:[^.]+\.partial|lock)$")  # a download's partial file and lock
 
 
 def cached(entries: list[str]) -> list[tuple[str, Path]]:
@@ -30,13 +36,26 @@ def cached(entries: list[str]) -> list[tuple[str, Path]]:
     return [(e, path) for e, path in paths if path.is_file()]
 
 
-def leftovers(names: list[str]) -> dict[str, list[Path]]:
-    """Partial downloads and lock files of the named cache files, by name."""
+def from_urls() -> list[Path]:
+    """Checkpoints that this repository cached from other URLs (weights=URL): named with the URL's digest,
+    or recorded as verified. Other files in torch.hub's shared cache are not ours and are left alone."""
+    if not cache_dir().is_dir():
+        return []
+    recorded = {Path(k).name for k in verified_records()}
+    return sorted(p for p in cache_dir().iterdir() if p.is_file() and not p.name.startswith(".")
+                  and p.name not in PUBLISHED and (URL_DIGEST.search(p.name) or p.name in recorded))
+
+
+def leftovers(names: list[str] | None) -> dict[str, list[Path]]:
+    """Partial downloads and lock files by the cache file they belong to: of ``names``, or of any file."""
     if not cache_dir().is_dir():
         return {}
-    found = {n: sorted(p for p in cache_dir().glob(".*") if p.is_file() and p.name.startswith(f".{n}."))
-             for n in names}
-    return {n: paths for n, paths in found.items() if paths}
+    found: dict[str, list[Path]] = {}
+    for path in sorted(cache_dir().glob(".*")):
+        match = LEFTOVER.match(path.name)
+        if match and path.is_file() and (names is None or match["name"] in names):
+            found.setdefault(match["name"], []).append(path)
+    return found
 
 
 def downloading(name: str) -> bool:
@@ -59,18 +78,25 @@ def main(argv: list[str] | None = None) -> int:
                         help="entries to act on (default: all twelve); clear also takes a cached file's name")
     args = parser.parse_args(argv)
     files = [e for e in args.entries if e not in WEIGHTS]
-    if files and (args.command != "clear" or any(not (cache_dir() / f).is_file() or "/" in f for f in files)):
-        missing = ", ".join(f for f in files if args.command != "clear" or not (cache_dir() / f).is_file())
-        parser.error(f"unknown entry {missing}; choose from {', '.join(WEIGHTS)}"
-                     + (f", or name a file in {cache_dir()}" if args.command == "clear" else ""))
+    bad = [f for f in files if args.command != "clear" or "/" in f or f in ("", ".", "..")
+           or not (cache_dir() / f).is_file()]
+    if bad:
+        parser.error(f"unknown entry {', '.join(map(repr, bad))}; choose from {', '.join(WEIGHTS)}"
+                     + (f", or name a file in {cache_dir()} (its name alone, without a folder)"
+                        if args.command == "clear" else ""))
+    everything = not args.entries
     entries = [e for e in args.entries if e in WEIGHTS] or ([] if files else list(WEIGHTS))
     found = cached(entries)
-    names = [WEIGHTS[e].file_name for e in entries] + files
+    others = from_urls() if everything else []
+    names = None if everything else [WEIGHTS[e].file_name for e in entries] + files
 
     if args.command == "list":
-        print(f"{cache_dir()}: {len(found)} of {len(entries)} checkpoint(s)")
+        print(f"{cache_dir()}: {len(found)} of {len(entries)} checkpoint(s)"
+              + (f", and {len(others)} from other URLs" if others else ""))
         for entry, path in found:
             print(f"  {entry:24} {path.name:56} {size(path):>12}")
+        for path in others:
+            print(f"  {'(from a URL)':24} {path.name:56} {size(path):>12}")
         for name, paths in leftovers(names).items():
             label = "(downloading)" if downloading(name) else "(left over)"
             for path in paths:
@@ -93,22 +119,40 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(found)} checkpoint(s) verified" if found else f"no checkpoints cached in {cache_dir()}")
         return 0
 
-    removed = 0
-    for path in [path for _, path in found] + [cache_dir() / f for f in files]:
-        path.unlink(missing_ok=True)
-        removed += 1
+    removed, failed = 0, []
+
+    def remove(path: Path) -> bool:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as e:
+            failed.append(f"{path} ({e.strerror})")
+            return False
         print(f"removed {path}")
+        return True
+
+    for path in [path for _, path in found] + others + [cache_dir() / f for f in files]:
+        removed += remove(path)
     for name, paths in leftovers(names).items():
         lock = cache_dir() / f".{name}.lock"
-        with download.exclusive(lock, wait=False) as held:
-            if not held:
-                print(f"left alone: {name} is being downloaded by another process")
-                continue
-            for path in paths:
-                if path != lock:
-                    path.unlink(missing_ok=True)
-                print(f"removed {path}")
+        try:
+            with download.exclusive(lock, wait=False) as held:  # no download can start meanwhile
+                if not held:
+                    print(f"left alone: {name} is being downloaded by another process")
+                    continue
+                for path in paths:
+                    if path != lock:
+                        remove(path)
+                    else:
+                        print(f"removed {path}")  # the lock goes when it is released
+        except OSError as e:
+            failed.append(f"{lock} ({e.strerror})")
+    if everything and (cache_dir() / RECORDS).exists():
+        remove(cache_dir() / RECORDS)
     print(f"{removed} checkpoint(s) removed from {cache_dir()}")
+    if failed:
+        print(f"error: could not remove {'; '.join(failed)}: the cache is not writable here; remove them as the "
+              "user who can, or set TORCH_HOME to your own cache", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -126,11 +126,20 @@ def _record(path: Path, digest: str) -> None:
 
 
 def _read_records() -> dict:
+    """The verification records; a damaged file or entry is left out (that file is hashed again), never fatal."""
     try:
         records = json.loads((cache_dir() / RECORDS).read_text())
-        return records if isinstance(records, dict) else {}
     except (OSError, ValueError):
         return {}
+    if not isinstance(records, dict):
+        return {}
+    return {k: v for k, v in records.items() if isinstance(v, dict) and isinstance(v.get("stat"), list)
+            and isinstance(v.get("sha256"), str)}
+
+
+def verified_records() -> dict:
+    """The files verified so far, by path: {"stat": [...], "sha256": ...} each."""
+    return _read_records()
 
 
 def _write_records(records: dict) -> None:
@@ -195,9 +204,10 @@ def fetch(url: str, *, expected_hash: str | None = None, progress: bool = True, 
             digest = _check_hash(partial, expected_hash, url, cached=False) if expected_hash else None
             os.replace(partial, path)  # atomic: readers see the whole verified file or none
         except OSError as e:
-            raise CheckpointError(f"could not download {url}: {e}. Nothing was cached; try again, check the URL and "
-                                  f"your connection{remedy}, or download the file yourself and pass "
-                                  "weights=<its path>") from e
+            raise CheckpointError(f"could not download {url}: {e}. Nothing was cached; try again when the network "
+                                  f"is there{remedy}, or download the file yourself and pass weights=<its path>; "
+                                  "to try the code without the weights, pass pretrained=False (--no-pretrained "
+                                  "on the command line)") from e
         finally:
             partial.unlink(missing_ok=True)
         if digest:

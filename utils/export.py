@@ -72,7 +72,8 @@ def export(model: nn.Module, path: str | os.PathLike) -> Path:
                 _export_onnx(model, example, partial)
         os.replace(partial, path)
     finally:
-        partial.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a folder that cannot be written: the error above says so
+            partial.unlink(missing_ok=True)
     return path
 
 
