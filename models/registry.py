@@ -118,6 +118,10 @@ Args (keyword-only):
 
 Returns an nn.Module in eval mode with .pretrained_cfg (metadata, class names) and .preprocess
 (the evaluation transform: image -> normalised 3x224x224 tensor).
+
+Errors: RuntimeError when the weights cannot be fetched, verified or loaded (a download that
+fails, a hash that does not match, a file that does not fit); ValueError or TypeError for an
+argument that cannot work. Each message says what to do.
 """
 
 

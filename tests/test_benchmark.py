@@ -88,3 +88,10 @@ def test_bad_arguments(capsys, args, message):
     with pytest.raises(SystemExit) as exit_:
         benchmark.main(args)
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_plot_path_that_is_a_folder_is_refused_before_measuring(tmp_path, capsys):
+    (tmp_path / "x.png").mkdir()
+    with pytest.raises(SystemExit) as exit_:
+        benchmark.main(["--plot", str(tmp_path / "x.png"), "--models", "resnet18_ssl"])
+    assert exit_.value.code == 2 and "x.png is a folder: give a file name" in capsys.readouterr().err

@@ -127,3 +127,11 @@ def test_a_two_class_file_names_the_option_that_fits_it(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "Only the classifier differs: the file has a 2-class head, so pass --num-classes 2" in err
     assert "num_classes=" not in err and not (tmp_path / "r18.pt").exists()
+
+
+def test_a_folder_that_cannot_be_written_is_one_line_with_the_real_reason(tmp_path, capsys):
+    (tmp_path / "a file").write_text("in the way")
+    status = export.main([str(tmp_path / "a file" / "m.onnx"), "--model", "resnet18_ssl", "--no-pretrained"])
+    err = capsys.readouterr().err
+    assert status == 2 and len(err.strip().splitlines()) == 1, err
+    assert "error: cannot write" in err and "(File exists)" in err and "Traceback" not in err

@@ -6,8 +6,11 @@ request(s) of a path and serves the file properly afterwards.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import http.server
+import json
 import os
+import pathlib
 import re
 import signal
 import socket
@@ -23,7 +26,7 @@ import torch
 
 from models import WEIGHTS, create_model
 from utils import cache as cache_command
-from utils.checkpoint import CheckpointError
+from utils.checkpoint import RECORDS, CheckpointError
 
 from .conftest import REPO, cached_names
 
@@ -311,7 +314,7 @@ def test_checkpoints_verify_finds_a_damaged_file_and_says_how_to_fix_it(cached_r
 def test_checkpoints_refuses_an_unknown_entry(capsys):
     with pytest.raises(SystemExit) as exit_:
         cache_command.main(["clear", "resnet19_ssl"])
-    assert exit_.value.code == 2 and "unknown entry resnet19_ssl" in capsys.readouterr().err
+    assert exit_.value.code == 2 and "unknown entry 'resnet19_ssl'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("module", ["utils.cache", "utils.checkpoints"])  # the command and its earlier name
@@ -348,3 +351,55 @@ def test_bad_input_tensors_are_named(x, error, match, features_only):
     model = create_model("resnet18_ssl", pretrained=False, features_only=features_only)
     with pytest.raises(error, match=match):
         model(x)
+
+
+def test_a_damaged_verification_record_is_ignored_and_a_full_clear_removes_the_records(cached_resnet18, capsys):
+    records = cached_resnet18.parent / RECORDS
+    records.write_text(json.dumps({str(cached_resnet18.resolve()): "x", "/elsewhere.pth": {"stat": 1}}))
+    assert create_model("resnet18_ssl").pretrained_cfg["head"] == "pretrained"  # hashed again, not fatal
+    assert cache_command.main(["clear"]) == 0 and not records.exists()
+
+
+def test_files_cached_from_other_urls_are_listed_and_cleared_and_others_left_alone(cached_resnet18, capsys):
+    cache = cached_resnet18.parent
+    mine = cache / "weights.0123456789ab.pth"
+    mine.write_bytes(b"x" * 2**20)
+    partial = cache / f".{mine.name}.{'f' * 32}.partial"
+    partial.write_bytes(b"half")
+    (cache / "someone_elses.pth").write_bytes(b"not ours")
+    assert cache_command.main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "1 of 12 checkpoint(s), and 1 from other URLs" in out and "(from a URL)" in out and mine.name in out
+    assert partial.name in out and "someone_elses" not in out
+    assert cache_command.main(["clear"]) == 0
+    assert "2 checkpoint(s) removed" in capsys.readouterr().out
+    assert sorted(p.name for p in cache.iterdir()) == ["someone_elses.pth"]
+
+
+def test_clear_names_what_it_cannot_find_and_an_unwritable_cache_is_one_line(cached_resnet18, capsys, monkeypatch):
+    with pytest.raises(SystemExit):
+        cache_command.main(["clear", "../checkpoints/link_out"])
+    assert "unknown entry '../checkpoints/link_out'; choose from" in capsys.readouterr().err
+    real = pathlib.Path.unlink
+
+    def read_only(path, missing_ok=False):  # as a read-only file system answers, also to root
+        if path.parent == cached_resnet18.parent:
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real(path, missing_ok)
+
+    monkeypatch.setattr(pathlib.Path, "unlink", read_only)
+    assert cache_command.main(["clear", "resnet18_ssl"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "could not remove" in err and "(Read-only file system)" in err
+    assert cached_resnet18.exists()
+
+
+def test_a_failed_download_names_the_offline_way_and_is_caught_as_a_runtime_error(torch_home):
+    try:  # as a notebook user writes it: the class is a built-in one
+        torch.hub.load(str(REPO), "resnet18_ssl", source="local", weights=f"{refused_url()}/r18-0123abcd.pth")
+    except RuntimeError as e:
+        message = str(e)
+    else:
+        pytest.fail("no error")
+    assert "pass pretrained=False (--no-pretrained on the command line)" in message
+    assert "check the URL" not in message

@@ -193,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, CheckpointError) as e:
         print(f"error: {in_command_terms(e)}", file=sys.stderr)
         return 2
+    except OSError as e:  # the folder cannot be written: nothing was written, nothing was changed
+        print(f"error: cannot write {args.output} ({e.strerror or e}): choose a folder you can write to",
+              file=sys.stderr)
+        return 2
     except ExportError as e:
         print(f"error: {in_command_terms(e)}", file=sys.stderr)
         return 1
