@@ -57,6 +57,13 @@ def test_the_two_commands_at_the_top_run_as_written():
     assert done.stdout.startswith("# random weights (--no-pretrained)") and "rocket.jpg" in done.stdout
 
 
+def test_ci_removes_its_environment_whatever_the_outcome():
+    lines = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()]
+    made = next(i for i, line in enumerate(lines) if line.startswith("python3 -m venv"))
+    assert lines[made] == 'python3 -m venv "$work/venv"' and 'work="$(mktemp -d)"' in lines[:made]
+    assert any(line.startswith("""trap 'rm -rf "$work"' EXIT""") for line in lines[:made])
+
+
 def test_ci_runs_exactly_the_readme_test_command():
     command = re.search(r"```sh\n(.*?)```", README.split("The test command", 1)[1], flags=re.S)[1].strip()
     ci = [line for line in (REPO / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
