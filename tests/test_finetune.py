@@ -146,8 +146,10 @@ def test_resume_continues_exactly_with_other_workers(trained, data, pretrained, 
              "--stop-after", "1"]
     # In a process of its own, as a user runs it: its DataLoader workers are forked from that process, not
     # from the test's (forking a process that later loads OpenVINO can crash its next fork).
+    # Its torch threads as many as this one's: the order of a sum, and so its last bit, follows them.
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     done = subprocess.run([sys.executable, "-m", "utils.finetune", *map(str, first)], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert [r["epoch"] for r in metrics(out)] == [1]
     assert finetune_main(train, "--resume", out / "last.pth", "--workers", "0", "--device", "cpu") == 0
