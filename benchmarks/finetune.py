@@ -178,7 +178,6 @@ def main() -> None:
     parser.add_argument("--data", type=Path, help="where to write the PNGs (default: a temporary folder)")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more options for the tool run")
     args = parser.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
     print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
           f"{torch.__version__}; {args.epochs} epochs, batch {args.batch_size}, {args.img_size} px\n")
     print("| dataset | run | final top-1 | best top-1 | evaluate's top-1 of best.pth | seconds |")

@@ -10,9 +10,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from .registry import INTERPOLATION, WEIGHTS
+from .registry import INTERPOLATION, WEIGHTS, resize_size
 
-KEY = "pretrained_cfg"
+try:  # imported through hubconf.py's private package name
+    from ..utils.checkpoint import DESCRIPTION as KEY  # where checkpoint loading finds the description
+except ImportError:  # imported as a top-level package, from the repository root
+    from utils.checkpoint import DESCRIPTION as KEY
 
 
 def describe(entry: str, classes: Sequence[str], img_size: int, crop_pct: float, mean: Sequence[float],
@@ -22,11 +25,6 @@ def describe(entry: str, classes: Sequence[str], img_size: int, crop_pct: float,
     return {"entry": entry, "num_classes": len(classes), "classes": list(classes), "wnids": None,
             "input_size": (3, img_size, img_size), "crop_pct": crop_pct, "resize_size": resize_size(img_size, crop_pct),
             "mean": tuple(mean), "std": tuple(std), "interpolation": INTERPOLATION, "finetuning": finetuning}
-
-
-def resize_size(img_size: int, crop_pct: float) -> int:
-    """The shorter side before the centre crop, as the published recipe derives 256 from 224 and 0.875."""
-    return max(img_size, int(img_size / crop_pct + 1e-9))
 
 
 def check(description, origin: str) -> dict:

@@ -149,9 +149,9 @@ _NOTES = {"resnext101_32x16d_swsl": "The authors said this file was saved incorr
 WEIGHTS = {entry: WeightSet(entry, ARCHS[entry.rsplit("_", 1)[0]], entry.rsplit("_", 1)[1], *row,
                             note=_NOTES.get(entry, ""))
            for entry, row in _PUBLISHED.items()}
-def resize_size() -> int:
+def resize_size(img_size: int = INPUT_SIZE, crop_pct: float = CROP_PCT) -> int:
     """The shorter side images are resized to before the centre crop: int(224 / 0.875) = 256."""
-    return int(INPUT_SIZE / CROP_PCT)
+    return max(img_size, int(img_size / crop_pct + 1e-9))
 
 
 @functools.cache

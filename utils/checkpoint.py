@@ -35,7 +35,7 @@ URL_SCHEMES = ("http", "https", "file")
 HASH_SUFFIX = re.compile(r"-([0-9a-f]{8,64})\.[^./-]+$")
 CACHE_COMMAND = "python -m utils.cache"
 NAME_LIMIT = 200  # bytes; ".<name>.<uuid>.partial" must stay within the usual 255
-DESCRIPTION = "pretrained_cfg"  # beside the state dict in a fine-tuned file: what it holds (models/finetuned.py)
+DESCRIPTION = "pretrained_cfg"  # beside the state dict in a fine-tuned file: what it holds (models.finetuned.KEY)
 RECORDS = ".verified.json"  # in the cache directory: {path: {"stat": [...], "sha256": ...}}
 # The first bytes of the two formats torch.save writes: a zip archive, or (before 1.6, and the
 # published files) a pickle that starts with torch's magic number.

@@ -150,8 +150,6 @@ class Augment:
     def __init__(self, policy: str, preprocess: Preprocess, scale: float, ratio=(3 / 4, 4 / 3)):
         self.policy, self.preprocess, self.size = policy, preprocess, preprocess.crop_size
         self.scale, self.log_ratio = (scale, 1.0), (math.log(ratio[0]), math.log(ratio[1]))
-        self.mean = torch.tensor(preprocess.mean).view(3, 1, 1)
-        self.std = torch.tensor(preprocess.std).view(3, 1, 1)
 
     def box(self, width: int, height: int, generator: torch.Generator | None = None) -> tuple[int, int, int, int]:
         area = width * height
@@ -168,7 +166,6 @@ class Augment:
         return (width - side) // 2, (height - side) // 2, (width + side) // 2, (height + side) // 2
 
     def __call__(self, path: Path, generator: torch.Generator | None = None) -> Tensor:
-        import numpy as np
         from PIL import Image
 
         if self.policy != "crop":
@@ -178,8 +175,7 @@ class Augment:
         image = image.resize((self.size, self.size), Image.BILINEAR, box=self.box(*image.size, generator))
         if torch.rand((), generator=generator) < 0.5:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
-        x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float().div(255)
-        return x.sub_(self.mean).div_(self.std)
+        return self.preprocess.to_tensor(image)
 
 
 class Images(Dataset):

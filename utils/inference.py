@@ -20,12 +20,12 @@ from .preprocess import Preprocess
 try:  # imported through hubconf.py's private package name
     from ..models import WEIGHTS, create_model, finetuned
     from ..models.factory import weights_description
-    from ..models.registry import imagenet1k_classes
+    from ..models.registry import imagenet1k_classes, resize_size
     from ..models.resnet import MIN_SIZE
 except ImportError:  # run from the repository root: python -m utils.classify
     from models import WEIGHTS, create_model, finetuned
     from models.factory import weights_description
-    from models.registry import imagenet1k_classes
+    from models.registry import imagenet1k_classes, resize_size
     from models.resnet import MIN_SIZE
 
 SAMPLES = Path(__file__).with_name("samples")
@@ -82,7 +82,7 @@ def input_config(cfg: dict, img_size: int | None) -> dict:
     """``cfg`` with the input ``img_size`` (and the published crop fraction), or as it is for None."""
     if img_size is None:
         return cfg
-    resize = finetuned.resize_size(img_size, cfg["crop_pct"])
+    resize = resize_size(img_size, cfg["crop_pct"])
     return {**cfg, "input_size": (3, img_size, img_size), "resize_size": resize}
 
 

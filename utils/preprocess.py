@@ -40,7 +40,6 @@ class Preprocess:
         return cls(cfg["resize_size"], cfg["input_size"][-1], cfg["mean"], cfg["std"], cfg["interpolation"])
 
     def __call__(self, image) -> Tensor:
-        import numpy as np
         from PIL import Image
 
         from .images import open_rgb
@@ -61,6 +60,12 @@ class Preprocess:
             if size != image.size:
                 image = image.resize(size, Image.BILINEAR)
             image = image.crop(crop)
+
+        return self.to_tensor(image)
+
+    def to_tensor(self, image) -> Tensor:
+        """An RGB PIL image of any size as a normalised float tensor (3, H, W), without resizing."""
+        import numpy as np
 
         x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float().div(255)
         return x.sub_(self._mean).div_(self._std)
