@@ -2,13 +2,17 @@
 ResNet and ResNeXt models of Yalniz et al., "Billion-scale semi-supervised learning for image
 classification" (arXiv:1905.00546). ``torch.hub.help(repo, name)`` describes each one.
 """
+import ast as _ast
 import hashlib as _hashlib
 import importlib as _importlib
+import importlib.machinery as _machinery
 import importlib.util as _importlib_util
 import sys as _sys
 from pathlib import Path as _Path
 
 dependencies = ["torch"]
+
+_PACKAGES = ("models", "utils")  # this checkout's top-level packages, as its own modules import them
 
 
 def _models():
@@ -23,8 +27,46 @@ def _models():
     if name not in _sys.modules:
         spec = _importlib_util.spec_from_loader(name, loader=None, is_package=True)
         spec.submodule_search_locations.append(str(hubconf.parent))
+        _sys.meta_path.insert(0, _CheckoutFinder(name))
         _sys.modules[name] = _importlib_util.module_from_spec(spec)
     return _importlib.import_module(name + ".models")
+
+
+class _CheckoutFinder:
+    """Finds the modules under the private name ``root``, and loads them with ``_CheckoutLoader``."""
+
+    def __init__(self, root: str):
+        self.root = root
+
+    def find_spec(self, fullname, path=None, target=None):
+        if not fullname.startswith(self.root + "."):
+            return None
+        spec = _machinery.PathFinder.find_spec(fullname, path)
+        if spec is not None and spec.origin and spec.origin.endswith(".py"):
+            spec.loader = _CheckoutLoader(fullname, spec.origin, self.root)
+        return spec
+
+
+class _CheckoutLoader(_machinery.SourceFileLoader):
+    """The repository's modules import each other by their names in a clone (``from utils.weights import
+    checkpoint``). Under the private name those imports are compiled as imports of ``<root>.utils.weights``,
+    so that they reach this checkout's modules and never another ``utils``; nothing else changes, and line
+    numbers stay those of the file."""
+
+    def __init__(self, fullname: str, path: str, root: str):
+        super().__init__(fullname, path)
+        self.root = root
+
+    def get_code(self, fullname):  # no bytecode cache: the clone's own .pyc holds the plain imports
+        source = self.get_data(self.path)
+        tree = _ast.parse(source, self.path)
+        for node in _ast.walk(tree):
+            if isinstance(node, _ast.ImportFrom) and node.level == 0 and node.module.split(".")[0] in _PACKAGES:
+                node.module = f"{self.root}.{node.module}"
+            elif isinstance(node, _ast.Import) and any(a.name.split(".")[0] in _PACKAGES for a in node.names):
+                raise ImportError(f"{self.path}, line {node.lineno}: import the repository's modules with "
+                                  "'from ... import ...', which hubconf.py maps onto its private package")
+        return compile(tree, self.path, "exec", dont_inherit=True)
 
 
 _entry = _models().entry

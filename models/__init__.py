@@ -1,6 +1,6 @@
 """ResNet/ResNeXt architectures and the registry of the twelve published weight sets."""
-from .factory import create_model, entry
-from .registry import ARCHS, WEIGHTS
-from .resnet import ResNet, ResNetFeatures
+from models.factory import create_model, entry
+from models.registry import ARCHS, WEIGHTS
+from models.resnet import ResNet, ResNetFeatures
 
 __all__ = ["ARCHS", "WEIGHTS", "ResNet", "ResNetFeatures", "create_model", "entry"]

@@ -2,7 +2,7 @@
 import argparse
 import sys
 
-from .registry import WEIGHTS, markdown_table
+from models.registry import WEIGHTS, markdown_table
 
 parser = argparse.ArgumentParser(prog="python -m models", description=__doc__.split(": ", 1)[1],
                                  epilog=f"entries: {', '.join(WEIGHTS)}")

@@ -11,16 +11,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import finetuned
-from .registry import ARCHS, MIRROR_ENV, WEIGHTS, WeightSet
-from .resnet import BLOCKS, STAGES, ResNet, ResNetFeatures
-
-try:  # imported through hubconf.py's private package name
-    from ..utils import checkpoint
-    from ..utils.preprocess import Preprocess
-except ImportError:  # imported as a top-level package, from the repository root
-    from utils import checkpoint
-    from utils.preprocess import Preprocess
+from models import finetuned
+from models.registry import ARCHS, MIRROR_ENV, WEIGHTS, WeightSet
+from models.resnet import BLOCKS, STAGES, ResNet, ResNetFeatures
+from utils.images.preprocess import Preprocess
+from utils.weights import CheckpointError, checkpoint
 
 logger = logging.getLogger("semi_supervised_hub")
 
@@ -75,8 +70,8 @@ def create_model(entry: str, *, pretrained: bool = True, progress: bool = True,
         target = f"{entry} ({weight_set.arch.title})"
         try:
             checkpoint.load_into(model, state_dict, origin=origin, target=target, skip=skip)
-        except checkpoint.CheckpointError as e:
-            raise checkpoint.CheckpointError(_name_the_fit(str(e), entry, state_dict, origin, target)) from None
+        except CheckpointError as e:
+            raise CheckpointError(_name_the_fit(str(e), entry, state_dict, origin, target)) from None
         del state_dict
         if new_head and num_classes:
             model.fc = nn.Linear(model.num_features, num_classes)

@@ -10,12 +10,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from .registry import INTERPOLATION, WEIGHTS, resize_size
-
-try:  # imported through hubconf.py's private package name
-    from ..utils.checkpoint import DESCRIPTION as KEY  # where checkpoint loading finds the description
-except ImportError:  # imported as a top-level package, from the repository root
-    from utils.checkpoint import DESCRIPTION as KEY
+from models.registry import INTERPOLATION, WEIGHTS, resize_size
+from utils.weights.checkpoint import DESCRIPTION as KEY  # where checkpoint loading finds the description
 
 
 def describe(entry: str, classes: Sequence[str], img_size: int, crop_pct: float, mean: Sequence[float],

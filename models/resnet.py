@@ -11,32 +11,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from utils.images.tensors import check_input
+
 NormLayer = Callable[[int], nn.Module]
-MIN_SIZE = 32  # the network reduces images 32 times: smaller ones have nothing left to classify
-
-
-def check_input(x: Tensor, weight: Tensor) -> None:
-    """Raise a clear error for input the network cannot take: torch's own errors name neither the
-    expected layout nor the remedy (and a CHW image without a batch dimension would not even fail)."""
-    if torch.jit.is_tracing():
-        return  # a trace records tensor operations only: these Python checks would not be in it anyway
-    if not isinstance(x, Tensor):
-        raise TypeError(f"expected a tensor of images (N, 3, H, W), got {type(x).__name__}")
-    shape = tuple(x.shape)
-    if x.dim() != 4:
-        hint = ": add the batch dimension with x[None]" if x.dim() == 3 else ""
-        raise ValueError(f"expected a batch of images of shape (N, 3, H, W), got shape {shape}{hint}")
-    if shape[1] != 3:
-        hint = "; channels last? use x.permute(0, 3, 1, 2)" if shape[3] == 3 else ""
-        raise ValueError(f"expected 3 colour channels, (N, 3, H, W), got shape {shape}{hint}")
-    if not x.is_floating_point():
-        raise TypeError(f"expected float input, got {x.dtype}: model.preprocess(image) scales and normalises images")
-    if x.dtype != weight.dtype or x.device != weight.device:
-        raise TypeError(f"the input is {x.dtype} on {x.device} but the model is {weight.dtype} on {weight.device}: "
-                        f"use x.to({str(weight.device)!r}, {weight.dtype})")
-    if min(shape[2:]) < MIN_SIZE:
-        raise ValueError(f"images must be at least {MIN_SIZE}x{MIN_SIZE} pixels, got {shape[2]}x{shape[3]}: "
-                         "resize them (model.preprocess makes 224x224)")
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> nn.Conv2d:
@@ -182,12 +159,17 @@ class ResNet(nn.Module):
         compiled, or run by ONNX Runtime or OpenVINO, or ``backend="auto"`` for the fastest of them here;
         float32 in, float32 out. The same as ``utils.optimize_for_inference(model, ...)``, at hand for models
         loaded with torch.hub."""
-        try:  # imported through hubconf.py's private package name
-            from ..utils.optimize import optimize_for_inference
-        except ImportError:  # imported as a top-level package, from the repository root
-            from utils.optimize import optimize_for_inference
+        from utils.inference.optimize import optimize_for_inference  # on first use: loading needs only torch
+
         return optimize_for_inference(self, backend=backend, dtype=dtype, channels_last=channels_last,
                                       compile=compile)
+
+    def fusable(self) -> bool:
+        """Whether this model computes exactly ``ResNet.forward`` (or ``ResNetFeatures.forward``) with this
+        file's blocks, which the fused CPU path of ``optimize_for_inference`` reproduces; a subclass or another
+        block may compute something else."""
+        blocks = [b for name in STAGES[1:] if hasattr(self, name) for b in getattr(self, name)]
+        return type(self) in (ResNet, ResNetFeatures) and all(type(b) in BLOCKS.values() for b in blocks)
 
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self.conv1.weight)

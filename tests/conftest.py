@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from models import WEIGHTS, create_model
-from utils.checkpoint import RECORDS
+from utils.weights.cache import RECORDS
 
 REPO = Path(__file__).resolve().parents[1]
 

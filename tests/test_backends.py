@@ -5,7 +5,8 @@ import time
 import pytest
 import torch
 
-from utils import backends, export, hardware, optimize_for_inference
+from utils import optimize_for_inference
+from utils.inference import backends, export, hardware
 
 from .test_optimize import relative_error, trained_like
 

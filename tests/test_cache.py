@@ -9,8 +9,7 @@ import torch
 
 from models import create_model
 from utils import cache as cache_command
-from utils import checkpoint
-from utils.checkpoint import CheckpointError
+from utils.weights import CheckpointError, cache
 
 from .conftest import REPO, cached_names, random_state_dict, save_code_running_pickle
 
@@ -96,8 +95,8 @@ def test_a_code_running_pickle_fetched_by_url_does_not_stay_in_the_cache(server,
 
 def test_a_cached_file_is_hashed_again_only_when_it_changes(cached_resnet18, monkeypatch):
     hashed = []
-    real_sha256 = checkpoint.sha256
-    monkeypatch.setattr(checkpoint, "sha256", lambda path: hashed.append(path) or real_sha256(path))
+    real_sha256 = cache.sha256
+    monkeypatch.setattr(cache, "sha256", lambda path: hashed.append(path) or real_sha256(path))
     reference = create_model("resnet18_ssl").state_dict()
     assert hashed == [cached_resnet18]  # no record yet: hashed once, and recorded
     create_model("resnet18_ssl")

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from models import WEIGHTS, create_model
-from utils.checkpoint import CheckpointError, hash_prefix
+from utils.weights import CheckpointError
+from utils.weights.cache import hash_prefix
 
 from .conftest import REPO, cached_names, random_state_dict, save_code_running_pickle, save_legacy, sha256
 

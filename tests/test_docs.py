@@ -10,7 +10,7 @@ import torch
 
 from models import WEIGHTS
 from models.registry import markdown_table
-from utils import checkpoint
+from utils.weights import cache as weights_cache
 
 from .conftest import REPO, random_state_dict
 
@@ -87,7 +87,7 @@ def test_readme_examples_run(block, torch_home, tmp_path, monkeypatch):
     for entry in set(re.findall(r'torch\.hub\.load\("\.", "(\w+)"', block)):
         path = cache / WEIGHTS[entry].file_name
         torch.save(random_state_dict(entry), path, _use_new_zipfile_serialization=False)
-        checkpoint._record(path, WEIGHTS[entry].hash_prefix.ljust(64, "0"))
+        weights_cache.record(path, WEIGHTS[entry].hash_prefix.ljust(64, "0"))
     if "runs/flowers/best.pth" in block:  # what python -m utils.finetune saves
         from models import finetuned
         state = random_state_dict("resnet50_swsl")

@@ -1,4 +1,4 @@
-"""python -m utils.export: every architecture to TorchScript, torch.export and ONNX, checked against eager."""
+"""utils.inference.export and python -m utils.export: every architecture to TorchScript, torch.export and ONNX, checked against eager."""
 import re
 import shutil
 import subprocess
@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from models.resnet import BLOCKS, ResNet
-from utils import export
+from utils import export as export_command
+from utils.inference import export
 
 from .conftest import REPO, randomize_statistics
 from .test_optimize import trained_like
@@ -80,7 +81,7 @@ def test_python_m_utils_export(resnet18_checkpoint, tmp_path, capsys):
     for args, message in (([str(tmp_path / "r18.tflite")], "must end in .pt, .pt2, .onnx"),
                           (missing, "none.pth: no such file")):
         with pytest.raises(SystemExit) as exit_:
-            export.main([*args, "--model", "resnet18_ssl"])
+            export_command.main([*args, "--model", "resnet18_ssl"])
         assert exit_.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "r18.pt2").exists()
 
@@ -91,7 +92,7 @@ def test_export_never_writes_over_its_weights_or_onto_a_directory(resnet18_check
     for output, message in ((mine, "mine.pt is the --weights file: writing there would destroy it"),
                             (tmp_path, "is a directory: give a file name ending in .pt, .pt2, .onnx")):
         with pytest.raises(SystemExit) as exit_:
-            export.main([str(output), "--model", "resnet18_ssl", "--weights", str(mine)])
+            export_command.main([str(output), "--model", "resnet18_ssl", "--weights", str(mine)])
         err = capsys.readouterr().err
         last = err.strip().splitlines()[-1]  # argparse's form: usage, then one line
         assert exit_.value.code == 2 and last.startswith("python -m utils.export: error: ") and message in last
@@ -122,7 +123,7 @@ def test_the_self_check_fails_on_outputs_that_are_not_finite(tmp_path):
 
 def test_a_two_class_file_names_the_option_that_fits_it(tmp_path, capsys):
     torch.save(trained_like("resnet18_ssl", num_classes=2).state_dict(), tmp_path / "two_class.pth")
-    assert export.main([str(tmp_path / "r18.pt"), "--model", "resnet18_ssl", "--weights",
+    assert export_command.main([str(tmp_path / "r18.pt"), "--model", "resnet18_ssl", "--weights",
                         str(tmp_path / "two_class.pth")]) == 2
     err = capsys.readouterr().err
     assert "Only the classifier differs: the file has a 2-class head, so pass --num-classes 2" in err
@@ -131,7 +132,7 @@ def test_a_two_class_file_names_the_option_that_fits_it(tmp_path, capsys):
 
 def test_a_folder_that_cannot_be_written_is_one_line_with_the_real_reason(tmp_path, capsys):
     (tmp_path / "a file").write_text("in the way")
-    status = export.main([str(tmp_path / "a file" / "m.onnx"), "--model", "resnet18_ssl", "--no-pretrained"])
+    status = export_command.main([str(tmp_path / "a file" / "m.onnx"), "--model", "resnet18_ssl", "--no-pretrained"])
     err = capsys.readouterr().err
     assert status == 2 and len(err.strip().splitlines()) == 1, err
     assert "error: cannot write" in err and "(File exists)" in err and "Traceback" not in err

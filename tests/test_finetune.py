@@ -14,9 +14,11 @@ from PIL import Image
 
 from models import create_model
 from utils import finetune
-from utils.checkpoint import CheckpointError
-from utils.preprocess import Preprocess
-from utils.run_folder import RunFolder, RunFolderError
+from utils.images.preprocess import Preprocess
+from utils.training import augment, loop, plot, resume, run
+from utils.training import data as training_data
+from utils.training.run_folder import RunFolder, RunFolderError
+from utils.weights import CheckpointError
 
 from .conftest import REPO, random_state_dict, save_legacy
 
@@ -164,9 +166,9 @@ def test_resume_continues_exactly_with_other_workers(trained, data, pretrained, 
 
 def test_each_samples_augmentation_depends_on_the_seed_the_epoch_and_its_index_alone(data):
     train, _ = data
-    _, samples = finetune.class_folders(train, "TRAIN_DIR")
+    _, samples = training_data.class_folders(train, "TRAIN_DIR")
     evaluation = Preprocess(64, 64, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    dataset = finetune.Images(samples, finetune.Augment("crop", evaluation, 0.08), seed=3)
+    dataset = training_data.Images(samples, augment.Augment("crop", evaluation, 0.08), seed=3)
     dataset.epoch = 2
     forward = [dataset[i][0] for i in (5, 6, 7)]
     torch.manual_seed(123)  # the global generator, which each DataLoader worker seeds its own way, plays no part
@@ -191,8 +193,8 @@ def test_a_derived_learning_rate_resumes_without_being_given_again(data, tmp_pat
 
 def test_a_held_out_split_is_the_same_for_the_same_seed(data):
     train, _ = data
-    _, samples = finetune.class_folders(train, "TRAIN_DIR")
-    first, again, other = (finetune.split(samples, 0.25, seed) for seed in (0, 0, 1))
+    _, samples = training_data.class_folders(train, "TRAIN_DIR")
+    first, again, other = (training_data.split(samples, 0.25, seed) for seed in (0, 0, 1))
     assert first == again and first != other
     held = first[1]
     assert len(held) == 3 * 6 and not set(held) & set(first[0]) and len(first[0]) + len(held) == len(samples)
@@ -365,7 +367,7 @@ def test_options_that_contradict_a_fine_tuned_file_are_one_line_errors(command, 
 
 
 def test_a_plain_state_dict_still_loads_with_its_size_given_and_a_new_head_has_no_imagenet_names(trained, tmp_path):
-    from utils.inference import load_model
+    from utils.cli import load_model
 
     bare = tmp_path / "bare.pth"
     torch.save(torch.load(trained / "best.pth", weights_only=True)["model"], bare)
@@ -420,7 +422,7 @@ def test_no_pretrained_trains_from_random_weights_offline(data, tmp_path, monkey
 def test_the_recipe_fits_the_start_and_the_image_size_and_is_recorded(trained):
     def resolved(*argv):
         _, args = finetune.parse_args(["x", "--output", "y", *argv])
-        finetune.complete_recipe(args)
+        resume.complete_recipe(args)
         return args.backbone_lr, args.augment, args.crop_scale, args.eval_crop_pct
 
     assert resolved() == (0.001, "crop", 0.08, 0.875)  # pretrained, 224 px: timm's crops, the published crop
@@ -439,16 +441,16 @@ def test_each_augmentation_is_what_it_says(data):
     path = sorted((train / "grass").iterdir())[0]
     evaluation = Preprocess(64, 64, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     torch.manual_seed(0)
-    assert torch.equal(finetune.Augment("none", evaluation, 1.0)(path), evaluation(path))
-    flips = [finetune.Augment("flip", evaluation, 1.0)(path) for _ in range(20)]
+    assert torch.equal(augment.Augment("none", evaluation, 1.0)(path), evaluation(path))
+    flips = [augment.Augment("flip", evaluation, 1.0)(path) for _ in range(20)]
     assert all(torch.equal(x, evaluation(path)) or torch.equal(x, evaluation(path).flip(-1)) for x in flips)
     assert 0 < sum(torch.equal(x, evaluation(path)) for x in flips) < 20
-    crop = finetune.Augment("crop", evaluation, 0.08)
+    crop = augment.Augment("crop", evaluation, 0.08)
     boxes = [crop.box(72, 56) for _ in range(200)]
     areas = [(r - left) * (b - t) / (72 * 56) for left, t, r, b in boxes]
     assert min(areas) >= 0.07 and max(areas) <= 1 and min(areas) < 0.3
     assert min((r - left) * (b - t) / (72 * 56) for left, t, r, b in
-               (finetune.Augment("crop", evaluation, 0.5).box(72, 56) for _ in range(200))) >= 0.49
+               (augment.Augment("crop", evaluation, 0.5).box(72, 56) for _ in range(200))) >= 0.49
     assert crop(path).shape == (3, 64, 64)
 
 
@@ -466,8 +468,8 @@ def test_bad_recipe_options_exit_2_with_a_one_line_error(args, message, tmp_path
 
 
 def test_small_images_are_decoded_in_the_main_process_by_default(trained):
-    assert finetune.auto_workers([72 * 56] * 10) == 0 and finetune.auto_workers([128 * 128] * 3) == 0
-    assert finetune.auto_workers([500 * 375] * 3) == min(8, os.cpu_count() or 1)
+    assert training_data.auto_workers([72 * 56] * 10) == 0 and training_data.auto_workers([128 * 128] * 3) == 0
+    assert training_data.auto_workers([500 * 375] * 3) == min(8, os.cpu_count() or 1)
     assert "; 0 worker(s)" in (trained.parent / "stdout.txt").read_text()  # the 72x56 photos, --workers not given
 
 
@@ -480,8 +482,8 @@ def test_each_epoch_says_its_time_the_elapsed_time_and_the_eta(trained):
     rows = metrics(trained)
     assert all(r["epoch_seconds"] > 0 and r["val_loss"] > 0 for r in rows)
     assert [r["elapsed_seconds"] for r in rows] == sorted(r["elapsed_seconds"] for r in rows)
-    assert finetune.duration(42.4) == "42 s" and finetune.duration(185) == "3 min 05 s"
-    assert finetune.duration(7620) == "2 h 07 min"
+    assert run.duration(42.4) == "42 s" and run.duration(185) == "3 min 05 s"
+    assert run.duration(7620) == "2 h 07 min"
 
 
 def test_patience_stops_a_run_that_no_longer_improves(data, pretrained, tmp_path, capsys):
@@ -501,7 +503,7 @@ def test_the_curves_show_what_a_reader_needs(trained):
     from matplotlib.ticker import MaxNLocator
 
     rows = metrics(trained)
-    fig = finetune.figure(rows, "resnet18_ssl on train (3 classes, 64 px)")
+    fig = plot.figure(rows, "resnet18_ssl on train (3 classes, 64 px)")
     loss, top1, lr = fig.axes
     assert fig._suptitle.get_text() == "resnet18_ssl on train (3 classes, 64 px)"
     assert [line.get_label() for line in loss.get_lines()] == ["training (label-smoothed)", "validation"]
@@ -519,7 +521,8 @@ def test_the_curves_show_what_a_reader_needs(trained):
 def test_without_matplotlib_the_run_says_at_once_that_there_will_be_no_curves(data, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
     seen = []
-    monkeypatch.setattr(finetune, "tqdm", lambda *a, **k: seen.append(k) or __import__("tqdm").tqdm(*a, **k))
+    for module in (training_data, loop):  # scanning and checking the images; training and validation
+        monkeypatch.setattr(module, "tqdm", lambda *a, **k: seen.append(k) or __import__("tqdm").tqdm(*a, **k))
     train, val = data
     recipe = [*RECIPE]
     recipe[recipe.index("--epochs") + 1] = "1"
@@ -603,9 +606,9 @@ def test_errors_before_the_work_are_one_line(data, tmp_path, capsys, monkeypatch
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "cannot write there (Not a directory): choose a folder you can write" in err
     # Too little room for the checkpoints: refused before the model is built, not after an epoch.
-    from utils import run_folder
+    from utils.training import run_folder
     monkeypatch.setattr(run_folder.shutil, "disk_usage", lambda path: type("U", (), {"free": 10 * 2**20})())
-    monkeypatch.setattr(finetune, "build_model", lambda *a: pytest.fail("the model was built"))
+    monkeypatch.setattr(run, "build_model", lambda *a: pytest.fail("the model was built"))
     assert finetune_main(train, "--output", tmp_path / "out", "--val", val, "--no-pretrained", *RECIPE) == 2
     assert re.search(r"10 MiB free, and the run's checkpoints need about 2\d\d MiB", capsys.readouterr().err)
     (tmp_path / "notes.txt").write_text("not a checkpoint\n")
@@ -620,7 +623,7 @@ def test_a_full_disk_during_a_save_is_one_line_naming_the_folder_and_the_free_sp
 import resource, signal, sys, torch
 from pathlib import Path
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-from utils.run_folder import RunFolder
+from utils.training.run_folder import RunFolder
 folder = RunFolder(Path({str(tmp_path / 'out')!r}))
 folder.save({{"w": torch.zeros(10)}}, "last.pth")
 resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
@@ -669,5 +672,5 @@ def test_splitting_reads_the_samples_once_however_many_classes():
             return super().__iter__()
 
     samples = Counted((f"/d/{c}/{i}.png", c) for c in range(300) for i in range(4))
-    train, val = finetune.split(samples, 0.25, seed=0)
+    train, val = training_data.split(samples, 0.25, seed=0)
     assert Counted.passes == 1 and len(val) == 300 and len(train) == 900

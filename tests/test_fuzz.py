@@ -13,8 +13,8 @@ from hypothesis.extra import numpy as hnp
 from PIL import Image
 
 from models.registry import WEIGHTS
-from utils.images import ImageError, open_rgb
-from utils.preprocess import Preprocess
+from utils.images.decode import ImageError, open_rgb
+from utils.images.preprocess import Preprocess
 
 from .test_images import SAMPLES
 

@@ -8,7 +8,7 @@ import torch
 from PIL import Image, ImageOps
 
 from models import create_model
-from utils.images import ImageError, open_rgb, read, to_rgb
+from utils.images.decode import ImageError, open_rgb, read, to_rgb
 
 SAMPLES = Path(__file__).resolve().parents[1] / "utils" / "samples"
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
@@ -57,7 +57,7 @@ def test_grey_image_file(preprocess, tmp_path):
 
 @pytest.mark.parametrize("size", [(1, 200), (200, 1)])  # beyond MAX_ASPECT: only the crop is resampled
 def test_extreme_strips_stay_within_one_grey_level_without_the_huge_resize(preprocess, size):
-    from utils.preprocess import MAX_ASPECT
+    from utils.images.preprocess import MAX_ASPECT
     assert max(size) / min(size) > MAX_ASPECT
     image = noise(*size)
     x = preprocess(image)

@@ -6,9 +6,10 @@ import torch
 from torch import nn
 
 from models import ARCHS, WEIGHTS, create_model
-from utils import export, hardware, optimize_for_inference
-from utils.fused import FusedResNet
-from utils.optimize import fold_batchnorm
+from utils import optimize_for_inference
+from utils.inference import export, hardware
+from utils.inference.fold import fold_batchnorm
+from utils.inference.fused import FusedResNet
 
 from .conftest import REPO, randomize_statistics
 

@@ -26,7 +26,8 @@ import torch
 
 from models import WEIGHTS, create_model
 from utils import cache as cache_command
-from utils.checkpoint import RECORDS, CheckpointError
+from utils.weights import CheckpointError
+from utils.weights.cache import RECORDS
 
 from .conftest import REPO, cached_names
 

@@ -127,7 +127,7 @@ def test_classify_checks_its_inputs_before_loading_the_model(capsys, tmp_path):
 
 
 def test_a_precision_this_cpu_only_emulates_is_refused_in_the_commands_terms(model_and_weights, capsys, monkeypatch):
-    from utils import hardware
+    from utils.inference import hardware
     monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx2", "fma"}))  # a CPU without native bf16
     for main, args in ((classify.main, []), (evaluate.main, [str(SAMPLES)])):
         status = main([*args, "--weights", model_and_weights[1], "--device", "cpu", "--dtype", "bfloat16"])
@@ -316,7 +316,7 @@ def test_torchrun_fails_cleanly_when_the_weights_are_missing(tmp_path, val_dir):
 
 
 def test_device_auto_is_the_cpu_for_the_cpu_runtimes_even_with_a_gpu(monkeypatch):
-    from utils.inference import pick_device
+    from utils.cli import pick_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a machine with a GPU
     assert pick_device("auto") == torch.device("cuda")

@@ -32,15 +32,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import backends
-from .hardware import describe_cpu
-from .inference import DTYPES, batch_size_value, count, device_name, img_size_value, pick_device, positive
-from .optimize import optimize_for_inference
-
-try:  # imported through hubconf.py's private package name
-    from ..models import WEIGHTS, create_model
-except ImportError:  # run from the repository root: python -m utils.benchmark
-    from models import WEIGHTS, create_model
+from models import WEIGHTS, create_model
+from utils.cli import DTYPES, batch_size_value, count, device_name, img_size_value, pick_device, positive
+from utils.inference import backends
+from utils.inference.hardware import describe_cpu
+from utils.inference.optimize import optimize_for_inference
 
 SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 MATMUL_SIZE = {True: 2048, False: 8192}  # on CPU, on GPU

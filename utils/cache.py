@@ -12,22 +12,15 @@ running (its lock is held) are left alone.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
-from . import download
-from .checkpoint import RECORDS, cache_dir, sha256, verified_records
-
-try:  # imported through hubconf.py's private package name
-    from ..models import WEIGHTS
-except ImportError:  # run from the repository root: python -m utils.cache
-    from models import WEIGHTS
-
+from models import WEIGHTS
+from utils.weights import download
+from utils.weights.cache import RECORDS, cache_dir, downloading, leftovers, lock_of, sha256
+from utils.weights.cache import from_urls as cached_from_urls
 
 PUBLISHED = {w.file_name: entry for entry, w in WEIGHTS.items()}
-URL_DIGEST = re.compile(r"\.[0-9a-f]{12}(\.[^./]{1,15})?$")  # checkpoint.cache_name's files from a URL
-LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?:[^.]+\.partial|lock)$")  # a download's partial file and lock
 
 
 def cached(entries: list[str]) -> list[tuple[str, Path]]:
@@ -37,30 +30,8 @@ def cached(entries: list[str]) -> list[tuple[str, Path]]:
 
 
 def from_urls() -> list[Path]:
-    """Checkpoints that this repository cached from other URLs (weights=URL): named with the URL's digest,
-    or recorded as verified. Other files in torch.hub's shared cache are not ours and are left alone."""
-    if not cache_dir().is_dir():
-        return []
-    recorded = {Path(k).name for k in verified_records()}
-    return sorted(p for p in cache_dir().iterdir() if p.is_file() and not p.name.startswith(".")
-                  and p.name not in PUBLISHED and (URL_DIGEST.search(p.name) or p.name in recorded))
-
-
-def leftovers(names: list[str] | None) -> dict[str, list[Path]]:
-    """Partial downloads and lock files by the cache file they belong to: of ``names``, or of any file."""
-    if not cache_dir().is_dir():
-        return {}
-    found: dict[str, list[Path]] = {}
-    for path in sorted(cache_dir().glob(".*")):
-        match = LEFTOVER.match(path.name)
-        if match and path.is_file() and (names is None or match["name"] in names):
-            found.setdefault(match["name"], []).append(path)
-    return found
-
-
-def downloading(name: str) -> bool:
-    """Whether a live process holds the lock of the cache file ``name`` (is downloading it)."""
-    return download.held(cache_dir() / f".{name}.lock")
+    """What this repository cached from URLs other than the twelve published files."""
+    return cached_from_urls(set(PUBLISHED))
 
 
 def size(path: Path) -> str:
@@ -133,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     for path in [path for _, path in found] + others + [cache_dir() / f for f in files]:
         removed += remove(path)
     for name, paths in leftovers(names).items():
-        lock = cache_dir() / f".{name}.lock"
+        lock = lock_of(name)
         try:
             with download.exclusive(lock, wait=False) as held:  # no download can start meanwhile
                 if not held:

@@ -20,13 +20,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .checkpoint import CheckpointError
-from .images import IMAGE_SUFFIXES
-from .inference import (
+from utils.cli import (
     NO_PRETRAINED,
-    ImageFiles,
     add_model_arguments,
-    batches,
     check_dtype,
     contradiction,
     describe_weights,
@@ -34,8 +30,11 @@ from .inference import (
     load_model,
     pick_device,
     positive,
-    sample_photos,
 )
+from utils.images.dataset import ImageFiles, batches
+from utils.images.decode import IMAGE_SUFFIXES
+from utils.images.samples import sample_photos
+from utils.weights import CheckpointError
 
 
 def find_images(patterns: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:

@@ -25,14 +25,10 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from .checkpoint import CheckpointError
-from .images import IMAGE_SUFFIXES, ImageError
-from .inference import (
+from models import WEIGHTS
+from utils.cli import (
     NO_PRETRAINED,
-    WEIGHTS,
-    ImageFiles,
     add_model_arguments,
-    batches,
     check_dtype,
     contradiction,
     describe_weights,
@@ -43,7 +39,10 @@ from .inference import (
     positive,
     wordnet_ids,
 )
-from .preprocess import Preprocess
+from utils.images.dataset import ImageFiles, batches
+from utils.images.decode import IMAGE_SUFFIXES, ImageError
+from utils.images.preprocess import Preprocess
+from utils.weights import CheckpointError
 
 
 def image_folder(root: Path, num_classes: int | None, classes: list[str] | None = None) -> list[tuple[Path, int]]:

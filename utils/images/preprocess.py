@@ -20,8 +20,8 @@ class Preprocess:
     """Image -> normalised float tensor of shape (3, crop_size, crop_size).
 
     The image may be a file path, a PIL image, an HxWx3 uint8 NumPy array or a CHW uint8 or float
-    (0-1) tensor; see ``utils.images.open_rgb``. Inputs that are not usable images raise
-    ``utils.images.ImageError``.
+    (0-1) tensor; see ``utils.images.decode.open_rgb``. Inputs that are not usable images raise
+    ``utils.images.decode.ImageError``.
     """
 
     def __init__(self, resize_size: int, crop_size: int, mean: Sequence[float], std: Sequence[float],
@@ -42,7 +42,7 @@ class Preprocess:
     def __call__(self, image) -> Tensor:
         from PIL import Image
 
-        from .images import open_rgb
+        from utils.images.decode import open_rgb
 
         image = open_rgb(image)
         # Resize the shorter side, keeping the aspect ratio as torchvision rounds it, then centre-crop.

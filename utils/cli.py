@@ -1,34 +1,23 @@
-"""What the command-line tools share: a device, a model on it, and image files as a Dataset."""
+"""What the commands share: their options and argparse types, the device, and the model to run."""
 from __future__ import annotations
 
 import argparse
 import os
 import re
-from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch import nn
 
-from .checkpoint import URL_SCHEMES
-from .hardware import check_native
-from .images import ImageError
-from .optimize import BACKENDS, optimize_for_inference
-from .preprocess import Preprocess
+from models import WEIGHTS, create_model, finetuned
+from models.factory import weights_description
+from models.registry import imagenet1k_classes, resize_size
+from utils.images.preprocess import Preprocess
+from utils.images.tensors import MIN_SIZE
+from utils.inference.hardware import check_native
+from utils.inference.optimize import BACKENDS, optimize_for_inference
+from utils.weights.checkpoint import URL_SCHEMES
 
-try:  # imported through hubconf.py's private package name
-    from ..models import WEIGHTS, create_model, finetuned
-    from ..models.factory import weights_description
-    from ..models.registry import imagenet1k_classes, resize_size
-    from ..models.resnet import MIN_SIZE
-except ImportError:  # run from the repository root: python -m utils.classify
-    from models import WEIGHTS, create_model, finetuned
-    from models.factory import weights_description
-    from models.registry import imagenet1k_classes, resize_size
-    from models.resnet import MIN_SIZE
-
-SAMPLES = Path(__file__).with_name("samples")
 DEFAULT_ENTRY = "resnet50_swsl"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -84,11 +73,6 @@ def input_config(cfg: dict, img_size: int | None) -> dict:
         return cfg
     resize = resize_size(img_size, cfg["crop_pct"])
     return {**cfg, "input_size": (3, img_size, img_size), "resize_size": resize}
-
-
-def sample_photos() -> list[Path]:
-    """The bundled sample photos, in name order."""
-    return sorted(SAMPLES.glob("*.[jp][pn]g"))
 
 
 NO_PRETRAINED = "random weights (--no-pretrained): the classes are meaningless"
@@ -219,27 +203,3 @@ def set_input_size(model: nn.Module, img_size: int | None) -> None:
     if img_size is not None:
         model.pretrained_cfg = input_config(model.pretrained_cfg, img_size)
         model.preprocess = Preprocess.from_config(model.pretrained_cfg)
-
-
-class ImageFiles(Dataset):
-    """Image files as (index, preprocessed tensor, error). With ``strict=False`` a file that cannot be
-    read gives a zero tensor and its error message, so that one bad file does not stop the others."""
-
-    def __init__(self, paths: Sequence[Path], preprocess: Callable[..., Tensor], strict: bool = True):
-        self.paths, self.preprocess, self.strict = list(paths), preprocess, strict
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> tuple[int, Tensor, str]:
-        try:
-            return index, self.preprocess(self.paths[index]), ""
-        except ImageError as e:
-            if self.strict:
-                raise
-            size = self.preprocess.crop_size
-            return index, torch.zeros(3, size, size), str(e)
-
-
-def batches(dataset: Dataset, batch_size: int, workers: int, device: torch.device) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda")

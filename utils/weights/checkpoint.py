@@ -1,24 +1,18 @@
-"""Fetch, verify and load checkpoints.
+"""Fetch and load checkpoints.
 
-Downloads land in torch.hub's cache (``torch.hub.get_dir()/checkpoints``, so ``TORCH_HOME`` is
-respected), only whole, only if they look like a PyTorch checkpoint and only after their SHA-256
-prefix checks out; utils/download.py bounds the time and lets one process download for many. Local
-files (paths and ``file://`` URLs) are read where they are, never copied into the cache. A verified
-file's size, times and inode are recorded, so that it is hashed again, cheaply, only when it changes.
+Downloads land in the cache (utils/weights/cache.py), only whole, only if they look like a PyTorch
+checkpoint and only after their SHA-256 prefix checks out; utils/weights/download.py bounds the time
+and lets one process download for many. Local files (paths and ``file://`` URLs) are read where they
+are, never copied into the cache.
 
 Loading is always ``weights_only``. Files in the cache, which are only ever replaced whole, are
 memory-mapped; a user's file is read into memory, so that the model never depends on it afterwards.
 """
 from __future__ import annotations
 
-import contextlib
 import glob
-import hashlib
-import json
 import os
 import pickle
-import re
-import shlex
 import sys
 import uuid
 from pathlib import Path
@@ -28,132 +22,15 @@ from urllib.request import url2pathname
 import torch
 from torch import Tensor, nn
 
-from . import download
+from utils.weights import CheckpointError, download
+from utils.weights.cache import cache_dir, cache_name, check_hash, clear_command, hash_prefix, in_cache, record, verify
 
 URL_SCHEMES = ("http", "https", "file")
-# "name-0123abcd.pth": the hex digits are the start of the file's SHA-256 (torch.hub's convention).
-HASH_SUFFIX = re.compile(r"-([0-9a-f]{8,64})\.[^./-]+$")
-CACHE_COMMAND = "python -m utils.cache"
-NAME_LIMIT = 200  # bytes; ".<name>.<uuid>.partial" must stay within the usual 255
 DESCRIPTION = "pretrained_cfg"  # beside the state dict in a fine-tuned file: what it holds (models.finetuned.KEY)
-RECORDS = ".verified.json"  # in the cache directory: {path: {"stat": [...], "sha256": ...}}
 # The first bytes of the two formats torch.save writes: a zip archive, or (before 1.6, and the
 # published files) a pickle that starts with torch's magic number.
 ZIP_MAGIC = b"PK\x03\x04"
 LEGACY_MAGIC = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be downloaded, verified or loaded; the message says what to do."""
-
-
-def hash_prefix(name: str) -> str | None:
-    """The SHA-256 prefix that a file name or URL carries, if any."""
-    match = HASH_SUFFIX.search(urlsplit(name).path if "://" in name else name)
-    return match.group(1) if match else None
-
-
-def cache_dir() -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints"
-
-
-def in_cache(path: Path) -> bool:
-    return path.resolve().parent == cache_dir().resolve()
-
-
-def clear_command(path: Path) -> str:
-    """The command that removes a cached file, quoted for the shell."""
-    return f"{CACHE_COMMAND} clear {shlex.quote(path.name)}"
-
-
-def cache_name(url: str, content_addressed: bool) -> str:
-    """The name of ``url``'s file in the cache. A file whose name carries its hash (the published
-    ones; torch.hub's convention) keeps its name, and so is shared with torch.hub. Any other gets a
-    digest of its URL, so that two URLs ending in the same name never share an entry."""
-    name = os.path.basename(urlsplit(url).path)
-    if content_addressed and len(name.encode()) <= NAME_LIMIT:
-        return name
-    stem, suffix = os.path.splitext(name)
-    suffix = suffix if len(suffix) <= 16 else ""
-    digest = hashlib.sha256(url.encode()).hexdigest()[:12]
-    room = NAME_LIMIT - len(digest) - len(suffix.encode()) - 1
-    stem = stem.encode()[:room].decode(errors="ignore")
-    return f"{stem}.{digest}{suffix}"
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def verify(path: Path, expected: str, origin: str) -> None:
-    """Check that ``path``'s SHA-256 starts with ``expected``; a file unchanged since it last
-    verified (same size, times and inode) is not read again."""
-    record = _read_records().get(str(path.resolve()))
-    if record and record.get("stat") == _signature(path) and str(record.get("sha256", "")).startswith(expected):
-        return
-    _record(path, _check_hash(path, expected, origin, cached=in_cache(path)))
-
-
-def _check_hash(path: Path, expected: str, origin: str, cached: bool) -> str:
-    actual = sha256(path)
-    if actual.startswith(expected):
-        return actual
-    if cached:
-        raise CheckpointError(
-            f"the cached checkpoint {path} does not match its SHA-256 prefix {expected} (it starts "
-            f"{actual[:len(expected)]}): it was damaged or replaced after it was downloaded. Remove it with "
-            f"{clear_command(path)} and load again to download it afresh")
-    raise CheckpointError(
-        f"SHA-256 mismatch for {origin}: expected a hash starting {expected}, got {actual[:len(expected)]}. "
-        "The file is corrupt or not the one its name promises: fetch it again from a source you trust, or, "
-        f"if -{expected} in its name is not a hash (file names ending in -HEX are checked against that hash "
-        "prefix), rename the file")
-
-
-def _signature(path: Path) -> list[int]:
-    stat = path.stat()
-    return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
-
-
-def _record(path: Path, digest: str) -> None:
-    records = _read_records()
-    records[str(path.resolve())] = {"stat": _signature(path), "sha256": digest}
-    _write_records(records)
-
-
-def _read_records() -> dict:
-    """The verification records; a damaged file or entry is left out (that file is hashed again), never fatal."""
-    try:
-        records = json.loads((cache_dir() / RECORDS).read_text())
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(records, dict):
-        return {}
-    return {k: v for k, v in records.items() if isinstance(v, dict) and isinstance(v.get("stat"), list)
-            and isinstance(v.get("sha256"), str)}
-
-
-def verified_records() -> dict:
-    """The files verified so far, by path: {"stat": [...], "sha256": ...} each."""
-    return _read_records()
-
-
-def _write_records(records: dict) -> None:
-    # Written whole and renamed into place. Two processes writing at once may lose one record:
-    # that costs one more hash, never a wrong answer.
-    records = {k: v for k, v in records.items() if os.path.exists(k)}
-    tmp = cache_dir() / f"{RECORDS}.{uuid.uuid4().hex}.tmp"
-    try:
-        cache_dir().mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(records))
-        os.replace(tmp, cache_dir() / RECORDS)
-    except OSError:  # a read-only cache: the file is hashed again next time
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
 
 
 def local_file(path: Path, *, expected_hash: str | None = None, origin: str | None = None) -> Path:
@@ -201,7 +78,7 @@ def fetch(url: str, *, expected_hash: str | None = None, progress: bool = True, 
         try:
             download.download(url, partial, progress=progress)
             check_format(partial, url, received=True)
-            digest = _check_hash(partial, expected_hash, url, cached=False) if expected_hash else None
+            digest = check_hash(partial, expected_hash, url, cached=False) if expected_hash else None
             os.replace(partial, path)  # atomic: readers see the whole verified file or none
         except OSError as e:
             raise CheckpointError(f"could not download {url}: {e}. Nothing was cached; try again when the network "
@@ -211,7 +88,7 @@ def fetch(url: str, *, expected_hash: str | None = None, progress: bool = True, 
         finally:
             partial.unlink(missing_ok=True)
         if digest:
-            _record(path, digest)  # under its final name: the next load does not hash it again
+            record(path, digest)  # under its final name: the next load does not hash it again
     return path
 
 

@@ -1,6 +1,6 @@
 """ONNX Runtime and OpenVINO behind the model's own interface, and "auto", which picks the fastest.
 
-Both runtimes read the model's ONNX export (``utils.export.onnx_program``). The export takes seconds,
+Both runtimes read the model's ONNX export (``utils.inference.export.onnx_program``). The export takes seconds,
 so it is made once per model and weights and kept while the model lives: a second
 ``optimize_for_inference`` of the same model reuses it, and its runtime sessions too. The weights are
 recognised by their content (a hash of every tensor's bytes), so any change to them (an optimizer
@@ -25,12 +25,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .hardware import check_native
-
-try:  # imported through hubconf.py's private package name
-    from ..models.resnet import check_input
-except ImportError:  # imported as a top-level package, from the repository root
-    from models.resnet import check_input
+from utils.images.tensors import check_input
+from utils.inference.fold import fold_batchnorm
+from utils.inference.hardware import check_native
 
 logger = logging.getLogger("semi_supervised_hub")
 
@@ -78,11 +75,10 @@ def _exported(model: nn.Module) -> _Exported:
     fingerprint = _fingerprint(model)
     cached = _EXPORTS.get(model)
     if cached is None or cached.fingerprint != fingerprint:
-        from .export import onnx_program
-        from .optimize import fold_batchnorm  # a folded copy: fewer nodes to export, the model untouched
+        from utils.inference.export import onnx_program  # on first use: onnx and onnxscript are optional
 
         start = time.perf_counter()
-        program = onnx_program(fold_batchnorm(model))
+        program = onnx_program(fold_batchnorm(model))  # folded: fewer nodes, the model untouched
         cached = _Exported(fingerprint, program.model_proto.SerializeToString())
         _EXPORTS[model] = cached
         logger.info("exported %s to ONNX in %.1f s", type(model).__name__, time.perf_counter() - start)

@@ -18,21 +18,23 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-try:  # imported through hubconf.py's private package name
-    from ..models.resnet import BasicBlock, Bottleneck, ResNet, ResNetFeatures, check_input
-except ImportError:  # imported as a top-level package, from the repository root
-    from models.resnet import BasicBlock, Bottleneck, ResNet, ResNetFeatures, check_input
+from utils.images.tensors import check_input
 
 PACKED_SHAPES = 2  # input shapes whose packed weights are kept: each holds a copy of the weights
 _mkldnn = torch.ops.mkldnn
 
 
+STAGES = ("layer1", "layer2", "layer3", "layer4")
+
+
 def can_fuse(model: nn.Module) -> bool:
-    """True for this repository's ResNet with every BatchNorm folded, float32 channels_last weights
+    """True for a model of torchvision's ResNet layout that says it computes exactly that forward (this
+    repository's ResNet: ``model.fusable()``), with every BatchNorm folded, float32 channels_last weights
     on the CPU, where oneDNN is available."""
-    if type(model) not in (ResNet, ResNetFeatures) or not torch.backends.mkldnn.is_available():
+    fusable = getattr(model, "fusable", None)
+    if not (callable(fusable) and fusable()) or not torch.backends.mkldnn.is_available():
         return False
-    blocks = [b for b in model.modules() if isinstance(b, (BasicBlock, Bottleneck))]
+    blocks = _blocks(model)
     if not all(b.downsample is None or (isinstance(b.downsample, nn.Sequential) and len(b.downsample) == 2)
                for b in blocks):
         return False
@@ -47,7 +49,7 @@ def can_fuse(model: nn.Module) -> bool:
 class FusedResNet(nn.Module):
     """``model`` (BatchNorm folded) computed with packed weights and fused ReLU and additions."""
 
-    def __init__(self, model: ResNet, fuse_pointwise: bool = True):
+    def __init__(self, model: nn.Module, fuse_pointwise: bool = True):
         super().__init__()
         self.model, self.fuse_pointwise = model, fuse_pointwise  # False only to measure what fusing gains
         self._packed: OrderedDict[tuple[int, ...], dict[nn.Conv2d, Tensor]] = OrderedDict()
@@ -57,10 +59,10 @@ class FusedResNet(nn.Module):
         check_input(x, m.conv1.weight)
         conv = functools.partial(_conv, packed=self._packed_for(tuple(x.shape)), fuse=self.fuse_pointwise)
         x = conv(m.conv1, x, "relu")
-        wanted = m.out_indices if isinstance(m, ResNetFeatures) else None
+        wanted = getattr(m, "out_indices", None)  # a backbone's feature maps
         features = [x] if wanted and 0 in wanted else []
         x = m.maxpool(x)
-        for i, name in enumerate(("layer1", "layer2", "layer3", "layer4"), 1):
+        for i, name in enumerate(STAGES, 1):
             if not hasattr(m, name):
                 break
             for block in getattr(m, name):
@@ -81,12 +83,17 @@ class FusedResNet(nn.Module):
         return self._packed[shape]
 
 
-def _block(block: BasicBlock | Bottleneck, x: Tensor, conv: Callable[..., Tensor]) -> Tensor:
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    return [block for name in STAGES if hasattr(model, name) for block in getattr(model, name)]
+
+
+def _block(block: nn.Module, x: Tensor, conv: Callable[..., Tensor]) -> Tensor:
+    """A basic block (conv1, conv2) or a bottleneck (conv1, conv2, conv3), as torchvision computes them."""
     identity = x if block.downsample is None else conv(block.downsample[0], x)
     out = conv(block.conv1, x, "relu")
-    if isinstance(block, Bottleneck):
+    if hasattr(block, "conv3"):  # a bottleneck
         out = conv(block.conv2, out, "relu")
-    return conv(block.conv3 if isinstance(block, Bottleneck) else block.conv2, out, "relu", add=identity)
+    return conv(block.conv3 if hasattr(block, "conv3") else block.conv2, out, "relu", add=identity)
 
 
 def _conv(conv: nn.Conv2d, x: Tensor, unary: str = "none", add: Tensor | None = None, *,
