@@ -21,9 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models import create_model  # noqa: E402
 from utils import optimize_for_inference  # noqa: E402
-from utils.benchmark import describe, time_interleaved  # noqa: E402
 from utils.inference.fused import FusedResNet  # noqa: E402
 from utils.inference.optimize import InferenceModel  # noqa: E402
+from utils.inference.timing import describe, time_interleaved  # noqa: E402
 
 
 def steps(model: torch.nn.Module) -> dict[str, torch.nn.Module]:

@@ -1,18 +1,21 @@
-"""python -m utils.benchmark: interleaved timing, the derived columns, the outputs and the plot."""
+"""python -m utils.benchmark and utils.inference.timing: interleaved timing, the derived columns, the outputs
+and the plot."""
 import csv
 import io
 import json
 
 import pytest
+import torch
 
 from models import WEIGHTS
 from utils import benchmark
+from utils.inference import timing
 
 
 def test_timing_is_round_robin_and_skips_the_warmup():
     calls = []
     functions = {name: (lambda name=name: calls.append(name)) for name in "abc"}
-    times = benchmark.time_interleaved(functions, warmup=2, repeats=3, device=benchmark.torch.device("cpu"))
+    times = timing.time_interleaved(functions, warmup=2, repeats=3, device=torch.device("cpu"))
     assert calls == list("abc") * 5
     assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3, "c": 3}
 

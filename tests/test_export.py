@@ -1,4 +1,5 @@
-"""utils.inference.export and python -m utils.export: every architecture to TorchScript, torch.export and ONNX, checked against eager."""
+"""utils.inference.export and python -m utils.export: every architecture to TorchScript, torch.export and
+ONNX, checked against eager."""
 import re
 import shutil
 import subprocess

@@ -11,6 +11,7 @@ import torch
 
 from models import create_model
 from utils import classify, evaluate
+from utils.images import files
 
 from .conftest import REPO
 from .test_images import SAMPLES, noise
@@ -88,7 +89,7 @@ def test_glob_patterns_find_what_glob_finds_and_are_bounded_by_link_loops(tmp_pa
     patterns = ["**/*.jpg", "*/*.jpg", "a/**/*", "**/[!x]*.*", "c/?.png", "**/.*.jpg", "**"]
     for pattern in patterns:  # without loops, exactly what glob.glob(recursive=True) finds
         expected = sorted(p for p in glob_module.glob(str(root / pattern), recursive=True) if os.path.isfile(p))
-        assert [str(p) for p in classify.glob_files(str(root / pattern))] == expected, pattern
+        assert [str(p) for p in files.glob_files(str(root / pattern))] == expected, pattern
     for folder in ("a", "a/b", "c", ".dot"):  # a loop in each folder: glob's search grows exponentially
         (root / folder / "loop").symlink_to("..")
     code = f"from utils.classify import find_images; print(len(find_images([{str(root / '**/*.jpg')!r}])[0]))"

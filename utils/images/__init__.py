@@ -1,3 +1,3 @@
 """Images in, tensors out: decoding any image input (decode.py), the evaluation transform
-(preprocess.py), what the networks take (tensors.py), image files as a Dataset (dataset.py) and the
-bundled sample photos (samples.py)."""
+(preprocess.py), what the networks take (tensors.py), finding image files (files.py), reading them as a
+Dataset (dataset.py) and the bundled sample photos (samples.py)."""
