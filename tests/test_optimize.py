@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from models import ARCHS, WEIGHTS, create_model
+from models import ARCHS, WEIGHTS, ResNet, create_model
+from models.resnet import BLOCKS
 from utils import optimize_for_inference
 from utils.inference import export, hardware
 from utils.inference.fold import fold_batchnorm
@@ -236,6 +237,39 @@ def test_float32_on_the_cpu_packs_weights_per_shape_and_fuses_relu_and_add():
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert relative_error(optimize_for_inference(group_norm)(x), group_norm(x)) < 1e-4
+
+
+class Doubled(ResNet):
+    """A subclass that computes something else than ResNet.forward."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+class LeakyBottleneck(BLOCKS["bottleneck"]):
+    def forward(self, x):
+        return nn.functional.leaky_relu(super().forward(x) - 0.5)
+
+
+def test_only_a_model_that_computes_resnets_own_forward_is_fused():
+    """The fused path reproduces ResNet.forward with this repository's blocks: a subclass with a forward of its
+    own, or another block, runs as the folded model instead, and gives its own outputs."""
+    arch = ARCHS["resnet50"]
+    x = torch.randn(2, 3, 64, 64)
+    for block in (BLOCKS["bottleneck"], LeakyBottleneck):
+        for cls in (ResNet, Doubled):
+            torch.manual_seed(0)
+            model = randomize_statistics_of(cls(block, arch.layers, num_classes=10).eval())
+            fast = optimize_for_inference(model)
+            fused = cls is ResNet and block is BLOCKS["bottleneck"]
+            assert model.fusable() is fused and isinstance(fast.model, FusedResNet) is fused, (cls, block)
+            with torch.no_grad():
+                assert relative_error(fast(x), model(x)) < 1e-4, (cls, block)
+
+
+def randomize_statistics_of(model: nn.Module) -> nn.Module:
+    model.load_state_dict(randomize_statistics(model.state_dict()))
+    return model
 
 
 def test_dilated_backbones_are_fused_too():
