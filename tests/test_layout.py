@@ -134,7 +134,7 @@ def test_there_is_no_import_circle():
     """Counting the imports inside functions, and the package __init__ that each import runs."""
     edges, _ = imports(modules())
     found = circles(with_packages(edges))
-    assert not found, "import circles:\n" + "\n".join(" -> ".join(c) for c in found)
+    assert not found, "import circles (the modules of each):\n" + "\n".join(", ".join(c) for c in found)
 
 
 def test_the_repository_imports_its_modules_one_way():
