@@ -1,5 +1,4 @@
-"""The training augmentation: random resized crops and flips, flips alone, or none.
-"""
+"""The training augmentation: random resized crops and flips, flips alone, or none."""
 from __future__ import annotations
 
 import math

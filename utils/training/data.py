@@ -1,6 +1,5 @@
 """The training images: class folders, the validation split, a check that every image opens, and the
-Dataset that gives each sample its own random numbers.
-"""
+Dataset that gives each sample its own random numbers."""
 from __future__ import annotations
 
 import hashlib

@@ -1,6 +1,5 @@
 """One process's share of the training: the processes, the model to train, the optimizer and schedule,
-an epoch of training and a validation pass (summed over the processes).
-"""
+an epoch of training and a validation pass (summed over the processes)."""
 from __future__ import annotations
 
 import argparse

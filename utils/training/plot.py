@@ -1,5 +1,4 @@
-"""curves.png: the losses, the validation accuracy and the learning rates of a run, by epoch.
-"""
+"""curves.png: the losses, the validation accuracy and the learning rates of a run, by epoch."""
 from __future__ import annotations
 
 import os

@@ -1,5 +1,4 @@
-"""A run's recipe, where its files go, and resuming it from its last.pth exactly where it stopped.
-"""
+"""A run's recipe, where its files go, and resuming it from its last.pth exactly where it stopped."""
 from __future__ import annotations
 
 import argparse

@@ -1,6 +1,5 @@
 """A whole fine-tuning run: the data checked and split, the model trained epoch by epoch on one process
-or many, and best.pth, last.pth, metrics.jsonl and curves.png written as it goes.
-"""
+or many, and best.pth, last.pth, metrics.jsonl and curves.png written as it goes."""
 from __future__ import annotations
 
 import argparse
