@@ -40,6 +40,7 @@ def test_json_rows_are_consistent(capsys, tmp_path):
         assert r["gflops"] == pytest.approx(2 * gmacs * r["images_per_second"])
         assert r["ceiling_pct"] == pytest.approx(100 * r["gflops"] / r["ceiling_gflops"])
         assert r["top1"] == WEIGHTS[r["entry"]].measured[0] and r["spread_pct"] >= 0
+        assert r["arch"] == WEIGHTS[r["entry"]].arch.name
         assert r["channels_last"] == (r["variant"] == "optimized") and "torch 2." in r["device"]
     for eager, optimized in zip(rows[::2], rows[1::2]):
         assert eager["speedup"] == 1.0 and eager["max_error"] == 0.0

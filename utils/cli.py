@@ -16,10 +16,10 @@ from utils.images.preprocess import Preprocess
 from utils.images.tensors import MIN_SIZE
 from utils.inference.hardware import check_native
 from utils.inference.optimize import BACKENDS, optimize_for_inference
+from utils.inference.optimize import DTYPE_NAMES as DTYPES
 from utils.weights.checkpoint import URL_SCHEMES
 
 DEFAULT_ENTRY = "resnet50_swsl"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, batch_size: int) -> None:

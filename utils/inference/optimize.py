@@ -22,6 +22,7 @@ from utils.inference.hardware import check_native
 
 DTYPES = {None: torch.float32, torch.float32: torch.float32, torch.bfloat16: torch.bfloat16,
           torch.float16: torch.float16}
+DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # the commands' --dtype
 BACKENDS = ("torch", "onnxruntime", "openvino", "auto")
 # What travels with the models of this repository, kept on the optimised module too.
 METADATA = ("pretrained_cfg", "preprocess", "feature_info", "num_features")
