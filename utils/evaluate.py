@@ -18,12 +18,10 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from models import WEIGHTS
 from utils.cli import (
@@ -39,9 +37,9 @@ from utils.cli import (
     positive,
     wordnet_ids,
 )
-from utils.images.dataset import ImageFiles, batches
 from utils.images.decode import IMAGE_SUFFIXES, ImageError
 from utils.images.preprocess import Preprocess
+from utils.inference.accuracy import count_correct
 from utils.weights import CheckpointError
 
 
@@ -146,34 +144,10 @@ def evaluate(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.weights} has no trained {num_classes}-class head to evaluate")
         preprocess = model.preprocess
 
-    shard = samples[rank::world]
-    labels = torch.tensor([label for _, label in shard])
-    # Not strict: a worker's exception would come back as a multi-line traceback; the error alone is enough.
-    loader = batches(ImageFiles([path for path, _ in shard], preprocess, strict=False), args.batch_size,
-                     args.workers, device)
-    counts = torch.zeros(3, dtype=torch.int64, device=device)  # top-1 hits, top-5 hits, images
-    k = min(5, num_classes)
-    start = time.perf_counter()
-    progress = tqdm(total=len(shard), unit="image", disable=rank != 0, file=sys.stderr,
-                    desc=f"process 0 of {world}" if world > 1 else None)
-    with torch.inference_mode(), progress as bar:
-        for indices, images, errors in loader:
-            if any(errors):
-                raise ImageError(next(e for e in errors if e))
-            if model is not None:
-                target = labels[indices].to(device, non_blocking=True)
-                top = model(images.to(device, non_blocking=True)).topk(k, dim=1).indices
-                hits = top == target[:, None]
-                counts[0] += hits[:, 0].sum()
-                counts[1] += hits.any(dim=1).sum()
-            counts[2] += len(indices)
-            bar.update(len(indices))
-    elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64, device=device)
-    if world > 1:
-        dist.all_reduce(counts)
-        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+    counts, seconds = count_correct(model, samples[rank::world], preprocess, batch_size=args.batch_size,
+                                    workers=args.workers, device=device, num_classes=num_classes, world=world)
     if rank == 0:
-        report(args, counts.tolist(), elapsed.item(), world, num_classes)
+        report(args, counts, seconds, world, num_classes)
     return 0
 
 
