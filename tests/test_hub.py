@@ -83,16 +83,18 @@ def test_metadata_preprocessing_and_class_names_travel_with_the_model():
 
 def test_loading_adds_one_private_package_and_nothing_heavy(resnet18_checkpoint):
     """Other hub repositories (and users) own top-level `models` and `utils`: loading ours takes neither.
-    It needs nothing beyond torch (no Pillow, no torchvision), and building on the meta device must not
-    wake torch._dynamo (initialising meta tensors imports it: seconds of start-up for nothing)."""
+    It needs nothing beyond torch (no Pillow, no torchvision) and none of utils/inference, and building on
+    the meta device must not wake torch._dynamo (initialising meta tensors imports it: seconds of start-up
+    for nothing)."""
     script = ("import sys, torch; before = {m.split('.')[0] for m in sys.modules}; "
               "torch.hub.load(sys.argv[1], 'resnet18_ssl', source='local', weights=sys.argv[2]); "
               "print(*sorted({m.split('.')[0] for m in sys.modules} - before - set(sys.stdlib_module_names)), "
-              "'torch._dynamo' in sys.modules)")
+              "'torch._dynamo' in sys.modules, any('.utils.inference' in m for m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", script, str(REPO), str(resnet18_checkpoint)], cwd="/",
                          capture_output=True, text=True, check=True).stdout.split()
-    assert len(out) == 2 and out[0].startswith("_semi_supervised_hub_"), out
+    assert len(out) == 3 and out[0].startswith("_semi_supervised_hub_"), out
     assert out[1] == "False", "torch._dynamo was imported while loading"
+    assert out[2] == "False", "the fast-inference code was imported while loading (optimize_for_inference imports it)"
 
 
 def test_force_reload_picks_up_the_new_code(github_copy):
