@@ -17,8 +17,7 @@ from pathlib import Path
 
 from models import WEIGHTS
 from utils.weights import download
-from utils.weights.cache import RECORDS, cache_dir, downloading, leftovers, lock_of, sha256
-from utils.weights.cache import from_urls as cached_from_urls
+from utils.weights.cache import RECORDS, cache_dir, downloading, from_urls, leftovers, lock_of, sha256
 
 PUBLISHED = {w.file_name: entry for entry, w in WEIGHTS.items()}
 
@@ -27,11 +26,6 @@ def cached(entries: list[str]) -> list[tuple[str, Path]]:
     """(entry, path) of the entries' files that are in the cache."""
     paths = [(e, cache_dir() / WEIGHTS[e].file_name) for e in entries]
     return [(e, path) for e, path in paths if path.is_file()]
-
-
-def from_urls() -> list[Path]:
-    """What this repository cached from URLs other than the twelve published files."""
-    return cached_from_urls(set(PUBLISHED))
 
 
 def size(path: Path) -> str:
@@ -58,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     everything = not args.entries
     entries = [e for e in args.entries if e in WEIGHTS] or ([] if files else list(WEIGHTS))
     found = cached(entries)
-    others = from_urls() if everything else []
+    others = from_urls(set(PUBLISHED)) if everything else []
     names = None if everything else [WEIGHTS[e].file_name for e in entries] + files
 
     if args.command == "list":

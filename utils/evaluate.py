@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 from models import WEIGHTS
@@ -40,6 +38,7 @@ from utils.cli import (
 from utils.images.decode import IMAGE_SUFFIXES, ImageError
 from utils.images.preprocess import Preprocess
 from utils.inference.accuracy import count_correct
+from utils.inference.distributed import start
 from utils.weights import CheckpointError
 
 
@@ -121,12 +120,8 @@ def evaluate(args: argparse.Namespace) -> int:
     classes = description["classes"] if description else None
     num_classes = description["num_classes"] if description else args.num_classes or 1000
     samples = evenly(image_folder(args.root, args.num_classes, classes), args.limit)
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1:  # started by torchrun: one process per device
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    ctx = start(device)  # under torchrun: one process per device
+    rank, world, device = ctx.rank, ctx.world, ctx.device
 
     if args.data_only:
         model = None

@@ -3,5 +3,6 @@
 (fused.py), in ONNX Runtime or OpenVINO, or on the fastest of them (backends.py); export.py writes and
 checks TorchScript, torch.export and ONNX files; hardware.py says which precisions the CPU computes
 natively; timing.py times functions side by side, speed.py measures a model's variants against eager,
-and accuracy.py counts a model's hits on labelled images. Nothing here imports ``models``: a model
-says whether the fused path reproduces its forward (``model.fusable()``)."""
+accuracy.py counts a model's hits on labelled images, and distributed.py starts torchrun's processes.
+Nothing here imports ``models``: a model says whether the fused path reproduces its forward
+(``model.fusable()``)."""

@@ -1,12 +1,10 @@
-"""One process's share of the training: the processes, the model to train, the optimizer and schedule,
+"""One process's share of the training: the model to train, the optimizer and schedule,
 an epoch of training and a validation pass (summed over the processes)."""
 from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -19,30 +17,6 @@ from utils.training import FinetuneError
 from utils.training.data import Images
 
 AMP = {"bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class Context:
-    rank: int
-    world: int
-    device: torch.device
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def start(device: torch.device) -> Context:
-    """This process's place among torchrun's (one process without it), on ``device`` or, for CUDA under
-    torchrun, its local GPU."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
-    if world > 1:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Context(rank, world, device)
 
 
 def build_model(args: argparse.Namespace, num_classes: int, device: torch.device) -> nn.Module:

@@ -14,18 +14,17 @@ from torch.utils.data import DataLoader
 
 from models import finetuned
 from utils.images.preprocess import Preprocess
+from utils.inference.distributed import Context, start
 from utils.inference.hardware import check_native
 from utils.training import FinetuneError
 from utils.training.augment import AUGMENTATIONS, Augment
 from utils.training.data import Images, auto_workers, check_readable, class_folders, split
 from utils.training.loop import (
     AMP,
-    Context,
     build_model,
     group_lr,
     make_optimizer,
     make_schedule,
-    start,
     train_epoch,
     validate,
 )

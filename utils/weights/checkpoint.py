@@ -23,7 +23,17 @@ import torch
 from torch import Tensor, nn
 
 from utils.weights import CheckpointError, download
-from utils.weights.cache import cache_dir, cache_name, check_hash, clear_command, hash_prefix, in_cache, record, verify
+from utils.weights.cache import (
+    cache_dir,
+    cache_name,
+    check_hash,
+    clear_command,
+    hash_prefix,
+    in_cache,
+    lock_of,
+    record,
+    verify,
+)
 
 URL_SCHEMES = ("http", "https", "file")
 DESCRIPTION = "pretrained_cfg"  # beside the state dict in a fine-tuned file: what it holds (models.finetuned.KEY)
@@ -66,7 +76,7 @@ def fetch(url: str, *, expected_hash: str | None = None, progress: bool = True, 
             verify(path, expected_hash, url)
         return path
     _make_cache_dir()
-    with download.exclusive(path.with_name(f".{path.name}.lock")):
+    with download.exclusive(lock_of(path.name)):
         if path.exists():
             return path  # another process downloaded it while this one waited
         # Holding the lock, this process is the only one writing this name: partial files left
@@ -218,7 +228,7 @@ def _some(names: list[str], n: int = 8) -> str:
 def _discard(path: Path, loaded: os.stat_result) -> bool:
     """Remove a cached file that must not be loaded, unless another process replaced it meanwhile."""
     try:
-        with download.exclusive(path.with_name(f".{path.name}.lock")):
+        with download.exclusive(lock_of(path.name)):
             if not os.path.samestat(path.stat(), loaded):
                 return False
             path.unlink()
