@@ -153,16 +153,16 @@ class ResNet(nn.Module):
                          dilation=self.dilation, norm_layer=norm_layer) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
-    def optimize_for_inference(self, *, backend: str = "torch", dtype: torch.dtype | None = None,
-                               channels_last: bool = True, compile: bool = False) -> nn.Module:
+    def optimize_for_inference(self, *, backend: str | None = None, dtype: torch.dtype | str | None = None,
+                               channels_last: bool = True, compile: bool = False, calibration=None) -> nn.Module:
         """An inference-only copy that runs faster: BatchNorm folded, channels_last, optionally bf16/fp16 and
-        compiled, or run by ONNX Runtime or OpenVINO, or ``backend="auto"`` for the fastest of them here;
-        float32 in, float32 out. The same as ``utils.optimize_for_inference(model, ...)``, at hand for models
-        loaded with torch.hub."""
+        compiled, or run by ONNX Runtime or OpenVINO, or ``backend="auto"`` for the fastest of them here, or
+        ``dtype="int8"`` with ``calibration`` images; float32 in, float32 out. The same as
+        ``utils.optimize_for_inference(model, ...)``, at hand for models loaded with torch.hub."""
         from utils.inference.optimize import optimize_for_inference  # on first use: loading needs only torch
 
         return optimize_for_inference(self, backend=backend, dtype=dtype, channels_last=channels_last,
-                                      compile=compile)
+                                      compile=compile, calibration=calibration)
 
     def fusable(self) -> bool:
         """Whether this model computes exactly ``ResNet.forward`` (or ``ResNetFeatures.forward``) with this

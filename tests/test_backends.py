@@ -170,7 +170,7 @@ def test_a_model_converted_to_another_dtype_is_refused_not_changed(classifier):
 
 def test_onnxruntime_in_bfloat16_is_refused_before_exporting(classifier, monkeypatch):
     monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"amx_bf16"}))
-    with pytest.raises(ValueError, match="onnxruntime.* float32 on the CPU: use dtype=None, or backend='openvino'"):
+    with pytest.raises(ValueError, match="onnxruntime.* float32 or int8 on the CPU: use dtype=None, or backend='openv"):
         optimize_for_inference(classifier, backend="onnxruntime", dtype=torch.bfloat16)
 
 

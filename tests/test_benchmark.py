@@ -9,7 +9,7 @@ import torch
 
 from models import WEIGHTS
 from utils import benchmark
-from utils.inference import timing
+from utils.inference import hardware, timing
 
 
 def test_timing_is_round_robin_and_skips_the_warmup():
@@ -82,7 +82,7 @@ def test_markdown_and_csv(capsys):
 @pytest.mark.parametrize("args, message", [
     (["--models", "resnet19_ssl"], "--models: unknown model(s) resnet19_ssl; choose from all, resnet18_ssl"),
     (["--batch-sizes", "0"], "argument --batch-sizes: must be at least 1, got 0"),
-    (["--dtype", "int8"], "--dtype: invalid choice: 'int8'"),
+    (["--dtype", "int4"], "--dtype: invalid choice: 'int4'"),
     (["--json", "--csv"], "not allowed with argument"),
     (["--plot", "/no/such/dir/plot.png"], "--plot /no/such/dir/plot.png: the folder /no/such/dir does not exist"),
     (["--plot", "plot.jpeg"], "--plot plot.jpeg: the name must end in .png, .svg or .pdf"),
@@ -99,3 +99,22 @@ def test_a_plot_path_that_is_a_folder_is_refused_before_measuring(tmp_path, caps
     with pytest.raises(SystemExit) as exit_:
         benchmark.main(["--plot", str(tmp_path / "x.png"), "--models", "resnet18_ssl"])
     assert exit_.value.code == 2 and "x.png is a folder: give a file name" in capsys.readouterr().err
+
+
+def test_int8_rows_stand_beside_the_float_peers_and_are_measured_against_the_fastest(capsys, monkeypatch):
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx2", "avx512_vnni"}))  # no native bf16
+    status, out, _ = run(capsys, "--dtype", "int8", "--json", models=("resnet18_ssl",))
+    assert status == 0
+    rows = [json.loads(line) for line in out.splitlines()]
+    for batch_size in (1, 2):
+        mine = {(r["variant"], r["dtype"]): r for r in rows if r["batch_size"] == batch_size}
+        assert list(mine) == [("eager", "float32"), ("optimized", "float32"), ("onnxruntime", "float32"),
+                              ("openvino", "float32"), ("onnxruntime", "int8"), ("openvino", "int8"),
+                              ("auto", "float32"), ("auto", "int8")]
+        fastest_float = min(mine[p, "float32"]["ms_per_batch"] for p in ("onnxruntime", "openvino"))
+        for p in ("onnxruntime", "openvino", "auto"):
+            r = mine[p, "int8"]
+            assert r["vs_fastest_peer"] == pytest.approx(fastest_float / r["ms_per_batch"])
+            assert r["ceiling_gflops"] > 0  # the integer matrix multiply of the same run
+        for p in ("onnxruntime", "openvino"):  # ("auto" may run a float candidate, where that is faster)
+            assert 1e-4 < mine[p, "int8"]["max_error"] < 0.2  # quantized: close to eager float32, not equal

@@ -183,7 +183,9 @@ def test_compiled_equals_eager():
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
-    ({"dtype": torch.int8}, ValueError, "dtype must be None, torch.float32, torch.bfloat16 or torch.float16"),
+    ({"dtype": torch.int16}, ValueError, "dtype must be None, torch.float32, torch.bfloat16, torch.float16 or .int8."),
+    ({"dtype": "float32"}, ValueError, "dtype must be None, torch.float32, torch.bfloat16, torch.float16 or .int8."),
+    ({"dtype": [torch.int8]}, ValueError, "dtype must be None"),
     ({"dtype": "bfloat16"}, ValueError, "dtype must be"),
     ({"channels_last": "yes"}, TypeError, "channels_last must be True or False"),
     ({"compile": 1}, TypeError, "compile must be True or False"),

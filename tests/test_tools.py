@@ -12,6 +12,7 @@ import torch
 from models import create_model
 from utils import classify, evaluate
 from utils.images import files
+from utils.inference.optimize import optimize_for_inference
 
 from .conftest import REPO
 from .test_images import SAMPLES, noise
@@ -388,3 +389,61 @@ def test_every_commands_help_lists_the_twelve_entries(command, capsys):
         importlib.import_module(f"utils.{command}").main(["--help"])
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert exit_.value.code == 0 and all(entry in out for entry in WEIGHTS), out
+
+
+def test_evaluate_int8_reports_the_float32_top1_of_the_same_images_beside_it(model_and_weights, val_dir, capsys):
+    model, weights = model_and_weights
+    status, result, _ = run_evaluate(capsys, str(val_dir), "--weights", weights, "--dtype", "int8",
+                                     "--calibration", str(val_dir), "--backend", "onnxruntime", "--device", "cpu")
+    top1, top5, n = direct_accuracy(model, val_dir)
+    assert status == 0 and result["dtype"] == "int8" and result["images"] == n
+    assert (result["float32_top1_correct"], result["float32_top5_correct"]) == (top1, top5)
+    # The INT8 counts are those of the INT8 model, on the same batches of 4.
+    int8 = optimize_for_inference(model, backend="onnxruntime", dtype="int8",
+                                  calibration=sorted(val_dir.glob("*/*.JPEG")))
+    files = sorted(val_dir.glob("*/*.JPEG"))
+    index = {wnid: i for i, wnid in enumerate(model.pretrained_cfg["wnids"])}
+    hits = 0
+    for batch in range(0, n, 4):
+        with torch.inference_mode():
+            top = int8(torch.stack([model.preprocess(f) for f in files[batch:batch + 4]])).argmax(1).tolist()
+        hits += sum(t == index[f.parent.name] for t, f in zip(top, files[batch:batch + 4]))
+    assert result["top1_correct"] == hits
+    fidelity = result["int8_fidelity"]["onnxruntime"]
+    assert fidelity["held_out"] and fidelity["images"] == 2  # 11 images: every fifth held out
+    status = evaluate.main([str(val_dir), "--model", "resnet18_ssl", "--weights", weights, "--workers", "0",
+                            "--dtype", "int8", "--calibration", str(val_dir), "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert status == 0 and f"int8 against float32 on the same images: top-1 {100 * hits / n:.3f}% against " \
+                           f"{100 * top1 / n:.3f}%" in out
+
+
+def test_classify_in_int8_answers_as_the_int8_model(model_and_weights, capsys):
+    model, weights = model_and_weights
+    status, rows, _ = run_classify(capsys, str(SAMPLES), "--weights", weights, "--json", "--dtype", "int8",
+                                   "--calibration", str(SAMPLES), "--backend", "openvino")
+    int8 = optimize_for_inference(model, backend="openvino", dtype="int8", calibration=SAMPLES)
+    assert status == 0 and len(rows) == 2
+    for row in rows:
+        with torch.inference_mode():
+            probabilities = int8(model.preprocess(row["path"])[None]).softmax(dim=1)[0]
+        assert row["labels"] == [model.pretrained_cfg["classes"][i] for i in probabilities.topk(5).indices]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dtype", "int8"], "error: --dtype int8 needs --calibration IMAGES: 50 to 300 images"),
+    (["--calibration", "x.png"], "error: --calibration is for --dtype int8, not float32: leave it out"),
+    (["--dtype", "int8", "--calibration", "nowhere"], "error: calibration: nowhere: no such file or directory"),
+    (["--dtype", "int8", "--calibration", "x", "--device", "cuda"], "int8 runs on the CPU here"),  # on a GPU machine
+])
+def test_int8_options_are_checked_in_the_commands_terms(model_and_weights, val_dir, capsys, args, message):
+    if "cuda" in args and not torch.cuda.is_available():
+        message = "cuda: CUDA is not available here"
+    for main, extra in ((classify.main, []), (evaluate.main, [str(val_dir)])):
+        try:
+            status = main([*extra, "--model", "resnet18_ssl", "--weights", model_and_weights[1], "--workers", "0",
+                           *args])
+        except SystemExit as e:  # argparse's own refusal
+            status = e.code
+        err = capsys.readouterr().err
+        assert status == 2 and message in err and "Traceback" not in err, err

@@ -1,13 +1,14 @@
 """Measure inference speed: plain eager float32 against optimize_for_inference and its peers, in one run.
 
-    python -m utils.benchmark [--models ENTRY ... | all] [--batch-sizes 1 16] [--dtype float32 bfloat16]
+    python -m utils.benchmark [--models ENTRY ... | all] [--batch-sizes 1 16] [--dtype float32 bfloat16 int8]
                               [--compile] [--peers] [--no-channels-last] [--device cpu] [--json | --csv]
                               [--plot FILE.png]
 
 For each model and batch size, the plain eager float32 model and each optimised variant run in turn,
 round after round, so that the machine's ups and downs fall on all of them alike. ``--peers`` adds
 ONNX Runtime and OpenVINO (those installed) running the model's ONNX export with as many threads as
-torch, and ``backend="auto"``. Each row gives the median time of a batch, its spread, images/s, the
+torch, and ``backend="auto"``; ``--dtype int8`` adds their INT8 models beside them (and implies ``--peers``).
+Each row gives the median time of a batch, its spread, images/s, the
 achieved GFLOP/s (two FLOPs per multiply-accumulate in the registry), the dense matrix-multiply
 ceiling measured in the same run, the speed relative to the plain eager float32 model and to the
 fastest peer, and the largest difference of its outputs from eager float32's (relative to the
@@ -29,6 +30,7 @@ import torch
 from models import WEIGHTS, create_model
 from utils.cli import DTYPES, batch_size_value, count, device_name, img_size_value, pick_device, positive
 from utils.inference import backends
+from utils.inference.hardware import cpu_has_native
 from utils.inference.speed import PEERS, Subject, markdown, measure, plot
 from utils.inference.timing import describe
 
@@ -50,6 +52,14 @@ def pick_peers(device: torch.device) -> list[str]:
     if not peers:
         raise ImportError("--peers needs onnxruntime or openvino: " + " or ".join(backends.PEERS.values()))
     return peers
+
+
+def with_floats(dtypes: list[str]) -> list[str]:
+    """INT8 is measured against the float runtimes: with --dtype int8 alone, float32 (and bfloat16 where
+    the CPU computes it natively) beside it."""
+    if dtypes != ["int8"]:
+        return dtypes
+    return ["float32", *(["bfloat16"] if cpu_has_native(torch.bfloat16) else []), "int8"]
 
 
 def check_plot_path(parser: argparse.ArgumentParser, path: str) -> None:
@@ -76,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-sizes", nargs="+", type=batch_size_value, default=[1, 16], metavar="N",
                         help="default: 1 (latency) and 16 (throughput)")
     parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=["float32"],
-                        help="precisions of the optimised model (default float32)")
+                        help="precisions of the optimised model (default float32); int8 (CPU) measures the INT8 "
+                             "runtimes beside the float ones (--peers), calibrated on random inputs like those timed")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                         help="optimised models in channels_last (default: yes)")
     parser.add_argument("--compile", action="store_true", help="also measure each optimised model torch.compiled")
@@ -105,10 +116,11 @@ def main(argv: list[str] | None = None) -> int:
         check_plot_path(parser, args.plot)
 
     try:
-        device = pick_device(args.device)
-        peers = pick_peers(device) if args.peers else []
+        device = pick_device(args.device, dtype="int8" if "int8" in args.dtype else "float32")
+        dtypes = with_floats(args.dtype)
+        peers = pick_peers(device) if args.peers or "int8" in dtypes else []
         subjects = [Subject(e, WEIGHTS[e].arch.name, WEIGHTS[e].arch.gmacs, WEIGHTS[e].measured[0]) for e in entries]
-        rows = measure(subjects, lambda entry: create_model(entry, pretrained=False), args.batch_sizes, args.dtype,
+        rows = measure(subjects, lambda entry: create_model(entry, pretrained=False), args.batch_sizes, dtypes,
                        args.channels_last, args.compile, device, args.warmup, args.repeats, peers=peers,
                        img_size=args.img_size)
     except (ValueError, ImportError) as e:  # a device, precision or runtime this machine does not have

@@ -2,6 +2,7 @@
 
     python -m utils.classify [PATH ...] [--model ENTRY] [--weights FILE_OR_URL] [--topk 5] [--json]
     python -m utils.classify [PATH ...] --weights OUT/best.pth   # fine-tuned: its entry, classes and size
+    python -m utils.classify [PATH ...] --dtype int8 --calibration DIR   # INT8 on the CPU
 
 PATHs are image files, directories (searched recursively) or glob patterns; with none, the bundled
 sample photos are classified. A file that cannot be read is reported with its reason and the others
@@ -71,14 +72,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         own = read_classes(args.classes) if args.classes is not None else None
-        device = pick_device(args.device, args.backend)
-        check_dtype(args.dtype, device)
+        device = pick_device(args.device, args.backend, args.dtype)
+        check_dtype(args, device)
         description = describe_weights(args)
         if own and description and own != description["classes"]:
             raise contradiction(f"--classes {args.classes}", args.weights, description)
         model = load_model(args.model, args.weights, device, num_classes=len(own) if own and not description else None,
                            dtype=args.dtype, backend=args.backend, pretrained=not args.no_pretrained,
-                           img_size=args.img_size)
+                           img_size=args.img_size, calibration=args.calibration)
         if own and model.pretrained_cfg["head"] != "pretrained":
             raise ValueError(f"--weights {args.weights} has no trained {len(own)}-class head for --classes "
                              f"{args.classes}: give the best.pth of the same fine-tuning run")

@@ -32,10 +32,14 @@ def add_model_arguments(parser: argparse.ArgumentParser, batch_size: int) -> Non
                         help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32",
                         help="precision to run the model in: bfloat16 is about twice as fast on CPUs and GPUs "
-                             "that have it (default float32)")
-    parser.add_argument("--backend", choices=BACKENDS, default="torch",
+                             "that have it; int8 (CPU, with --calibration) faster still (default float32)")
+    parser.add_argument("--calibration", nargs="+", metavar="IMAGES",
+                        help="for --dtype int8: 50 to 300 images like those the model will see (folders, files or "
+                             "glob patterns), which set the INT8 ranges")
+    parser.add_argument("--backend", choices=BACKENDS,
                         help="what runs the model: torch, onnxruntime or openvino (CPU, optional installs), or auto "
-                             "for the fastest of those installed, timed on the first batch (default torch)")
+                             "for the fastest of those installed, timed on the first batch (default: torch; for "
+                             "int8, the faster INT8 runtime installed)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
@@ -166,10 +170,10 @@ def wordnet_ids() -> list[str]:
     return [wnid for wnid, _ in imagenet1k_classes()]
 
 
-def pick_device(name: str, backend: str = "torch") -> torch.device:
-    """``--device``; "auto" is CUDA where there is one, except for the runtimes that run on the CPU."""
+def pick_device(name: str, backend: str | None = "torch", dtype: str = "float32") -> torch.device:
+    """``--device``; "auto" is CUDA where there is one, except for the runtimes and INT8, which run on the CPU."""
     if name == "auto":
-        cpu_only = backend in ("onnxruntime", "openvino")
+        cpu_only = backend in ("onnxruntime", "openvino") or dtype == "int8"
         return torch.device("cuda" if torch.cuda.is_available() and not cpu_only else "cpu")
     try:
         return torch.device(device_name(name))
@@ -183,19 +187,26 @@ def in_command_terms(error: Exception) -> str:
     return re.sub(r"num_classes=(\d+) \(--num-classes \d+ on the command line\)", r"--num-classes \1", message)
 
 
-def check_dtype(dtype: str, device: torch.device) -> None:
-    """``--dtype``, refused before any loading where ``device`` would only emulate it."""
-    check_native(DTYPES[dtype], device, fallback="--dtype float32")
+def check_dtype(args: argparse.Namespace, device: torch.device) -> None:
+    """``--dtype`` (and ``--calibration``), refused before any loading where ``device`` would only emulate
+    it, or where INT8 has no calibration images."""
+    check_native(DTYPES[args.dtype], device, fallback="--dtype float32")
+    if args.dtype == "int8" and not args.calibration:
+        raise ValueError("--dtype int8 needs --calibration IMAGES: 50 to 300 images like those the model will see, "
+                         "which set the INT8 ranges")
+    if args.calibration and args.dtype != "int8":
+        raise ValueError(f"--calibration is for --dtype int8, not {args.dtype}: leave it out")
 
 
 def load_model(entry: str, weights: str | None, device: torch.device, num_classes: int | None = None,
-               dtype: str = "float32", backend: str = "torch", pretrained: bool = True,
-               img_size: int | None = None) -> nn.Module:
-    """The model on ``device``, optimised for inference by ``backend`` in ``dtype``; random weights
-    without ``pretrained``; ``img_size`` for weights that do not say theirs."""
+               dtype: str = "float32", backend: str | None = None, pretrained: bool = True,
+               img_size: int | None = None, calibration: list[str] | None = None) -> nn.Module:
+    """The model on ``device``, optimised for inference by ``backend`` in ``dtype`` (INT8 calibrated on
+    the ``calibration`` images); random weights without ``pretrained``; ``img_size`` for weights that do
+    not say theirs."""
     model = create_model(entry, pretrained=pretrained, weights=weights, num_classes=num_classes, progress=True)
     set_input_size(model, img_size)
-    return optimize_for_inference(model.to(device), backend=backend, dtype=DTYPES[dtype])
+    return optimize_for_inference(model.to(device), backend=backend, dtype=DTYPES[dtype], calibration=calibration)
 
 
 def set_input_size(model: nn.Module, img_size: int | None) -> None:

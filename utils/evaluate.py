@@ -2,6 +2,7 @@
 
     python -m utils.evaluate DIR [--model ENTRY] [--weights FILE_OR_URL] [--limit N] [--json]
     python -m utils.evaluate DIR --weights OUT/best.pth   # fine-tuned: its entry, classes and size
+    python -m utils.evaluate DIR --dtype int8 --calibration IMAGES   # INT8 beside float32, same images
     torchrun --nproc_per_node 8 -m utils.evaluate DIR ...
 
 DIR holds one folder per class, named by its ImageNet-1k WordNet id (DIR/n01440764/*.JPEG, ...),
@@ -10,13 +11,15 @@ classes: --weights OUT/best.pth alone, with folders named by its classes. For ot
 head of their own, pass --num-classes N: the sorted folders are then its classes 0..N-1. Under
 torchrun every process takes every WORLD_SIZE-th image, so none is counted twice or left out, and
 the counts are summed: the result is the single-process result. --data-only measures the decoding
-pipeline without the model.
+pipeline without the model. With --dtype int8, the float32 model runs beside the INT8 one on the same
+images, and both top-1 figures are reported: what quantization costs, measured.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import torch.distributed as dist
@@ -112,8 +115,8 @@ def evaluate(args: argparse.Namespace) -> int:
     if args.num_classes and not (args.weights or args.no_pretrained):
         raise ValueError("--num-classes needs --weights (or --no-pretrained): the published weights classify the "
                          "1000 ImageNet classes")
-    device = pick_device(args.device, args.backend)
-    check_dtype(args.dtype, device)
+    device = pick_device(args.device, args.backend, args.dtype)
+    check_dtype(args, device)
     description = describe_weights(args)
     if description and args.num_classes not in (None, description["num_classes"]):
         raise contradiction(f"--num-classes {args.num_classes}", args.weights, description)
@@ -124,14 +127,19 @@ def evaluate(args: argparse.Namespace) -> int:
     rank, world, device = ctx.rank, ctx.world, ctx.device
 
     if args.data_only:
-        model = None
+        models = []
         preprocess = Preprocess.from_config(input_config(description or WEIGHTS[args.model].config(), args.img_size))
     else:
         if world > 1 and rank != 0:
             dist.barrier()  # rank 0 downloads the checkpoint first; the others then read it from the cache
         try:
             model = load_model(args.model, args.weights, device, num_classes=args.num_classes, dtype=args.dtype,
-                               backend=args.backend, pretrained=not args.no_pretrained, img_size=args.img_size)
+                               backend=args.backend, pretrained=not args.no_pretrained, img_size=args.img_size,
+                               calibration=args.calibration)
+            # INT8 is reported beside float32 on the same images: the checkpoint is in the cache by now.
+            models = [model] + ([load_model(args.model, args.weights, device, num_classes=args.num_classes,
+                                            pretrained=not args.no_pretrained, img_size=args.img_size)]
+                                if args.dtype == "int8" else [])
         finally:
             if world > 1 and rank == 0:
                 dist.barrier()  # also when loading failed: the others then fail with the same error, not hang
@@ -139,23 +147,26 @@ def evaluate(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.weights} has no trained {num_classes}-class head to evaluate")
         preprocess = model.preprocess
 
-    counts, seconds = count_correct(model, samples[rank::world], preprocess, batch_size=args.batch_size,
-                                    workers=args.workers, device=device, num_classes=num_classes, world=world)
+    hits, images, seconds = count_correct(models, samples[rank::world], preprocess, batch_size=args.batch_size,
+                                          workers=args.workers, device=device, num_classes=num_classes, world=world)
     if rank == 0:
-        report(args, counts, seconds, world, num_classes)
+        report(args, hits, images, seconds, world, num_classes, getattr(models[0], "int8_fidelity", None)
+               if models else None)
     return 0
 
 
-def report(args: argparse.Namespace, counts: list[int], seconds: float, world: int, num_classes: int) -> None:
-    top1, top5, images = counts
+def report(args: argparse.Namespace, hits: list[list[int]], images: int, seconds: float, world: int,
+           num_classes: int, fidelity: dict | None = None) -> None:
     result = {"model": args.model, "weights": args.weights, "pretrained": not args.no_pretrained,
               "dataset": str(args.root), "images": images,
               "images_per_second": round(images / seconds, 1), "processes": world, "workers": args.workers,
-              "dtype": args.dtype, "backend": args.backend}
-    if not args.data_only:
-        result.update(top1=100 * top1 / images, top1_correct=top1)
+              "dtype": args.dtype, "backend": args.backend or ("torch" if args.dtype != "int8" else "fastest int8")}
+    for (top1, top5), prefix in zip(hits, ("", "float32_")):
+        result.update({f"{prefix}top1": 100 * top1 / images, f"{prefix}top1_correct": top1})
         if num_classes > 5:  # with 5 classes or fewer, top-5 always holds the label: not a measure
-            result.update(top5=100 * top5 / images, top5_correct=top5)
+            result.update({f"{prefix}top5": 100 * top5 / images, f"{prefix}top5_correct": top5})
+    if fidelity:  # INT8's agreement with float32 on the held-out calibration images, per runtime
+        result["int8_fidelity"] = {name: asdict(f) for name, f in fidelity.items()}
     if args.json:
         print(json.dumps(result))
     elif args.data_only:
@@ -166,6 +177,11 @@ def report(args: argparse.Namespace, counts: list[int], seconds: float, world: i
         random = f" ({NO_PRETRAINED.replace('classes', 'accuracies')})" if args.no_pretrained else ""
         print(f"{args.model}{random} on {args.root}: top-1 {result['top1']:.3f}%{top5}  "
               f"({images} images, {result['images_per_second']} images/s, {world} process(es))")
+        if "float32_top1" in result:
+            top5 = f"  top-5 {result['float32_top5']:.3f}%" if "float32_top5" in result else ""
+            print(f"  int8 against float32 on the same images: top-1 {result['top1']:.3f}% against "
+                  f"{result['float32_top1']:.3f}%{top5} in float32 "
+                  f"({result['top1'] - result['float32_top1']:+.3f} points)")
 
 
 if __name__ == "__main__":

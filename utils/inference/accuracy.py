@@ -15,17 +15,19 @@ from utils.images.dataset import ImageFiles, batches
 from utils.images.decode import ImageError
 
 
-def count_correct(model: nn.Module | None, shard: list[tuple[Path, int]], preprocess, *, batch_size: int,
-                  workers: int, device: torch.device, num_classes: int, world: int = 1) -> tuple[list[int], float]:
-    """[top-1 hits, top-5 hits, images] over this process's ``shard`` of (file, label), summed over the
-    ``world`` processes, and the slowest one's seconds. With no model, the images are only decoded and
-    preprocessed (the input pipeline's speed). The first image that cannot be read raises ImageError."""
+def count_correct(models: list[nn.Module], shard: list[tuple[Path, int]], preprocess, *, batch_size: int,
+                  workers: int, device: torch.device, num_classes: int,
+                  world: int = 1) -> tuple[list[list[int]], int, float]:
+    """[top-1 hits, top-5 hits] of each model over this process's ``shard`` of (file, label) (each image
+    decoded once for all of them), the number of images, summed over the ``world`` processes, and the
+    slowest one's seconds. With no models, the images are only decoded and preprocessed (the input
+    pipeline's speed). The first image that cannot be read raises ImageError."""
     rank = dist.get_rank() if world > 1 else 0
     labels = torch.tensor([label for _, label in shard])
     # Not strict: a worker's exception would come back as a multi-line traceback; the error alone is enough.
     loader = batches(ImageFiles([path for path, _ in shard], preprocess, strict=False), batch_size,
                      workers, device)
-    counts = torch.zeros(3, dtype=torch.int64, device=device)  # top-1 hits, top-5 hits, images
+    counts = torch.zeros(2 * len(models) + 1, dtype=torch.int64, device=device)  # (top-1, top-5 hits)s, images
     k = min(5, num_classes)
     start = time.perf_counter()
     progress = tqdm(total=len(shard), unit="image", disable=rank != 0, file=sys.stderr,
@@ -34,16 +36,17 @@ def count_correct(model: nn.Module | None, shard: list[tuple[Path, int]], prepro
         for indices, images, errors in loader:
             if any(errors):
                 raise ImageError(next(e for e in errors if e))
-            if model is not None:
-                target = labels[indices].to(device, non_blocking=True)
-                top = model(images.to(device, non_blocking=True)).topk(k, dim=1).indices
-                hits = top == target[:, None]
-                counts[0] += hits[:, 0].sum()
-                counts[1] += hits.any(dim=1).sum()
-            counts[2] += len(indices)
+            target = labels[indices].to(device, non_blocking=True)
+            images = images.to(device, non_blocking=True)
+            for i, model in enumerate(models):
+                hits = model(images).topk(k, dim=1).indices == target[:, None]
+                counts[2 * i] += hits[:, 0].sum()
+                counts[2 * i + 1] += hits.any(dim=1).sum()
+            counts[-1] += len(indices)
             bar.update(len(indices))
     elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64, device=device)
     if world > 1:
         dist.all_reduce(counts)
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-    return counts.tolist(), elapsed.item()
+    counts = counts.tolist()
+    return [counts[i:i + 2] for i in range(0, len(counts) - 1, 2)], counts[-1], elapsed.item()

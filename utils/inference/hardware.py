@@ -44,8 +44,14 @@ def cpu_has_native(dtype: torch.dtype) -> bool:
 
 def check_native(dtype: torch.dtype, device: torch.device, fallback: str = "dtype=None (float32)") -> None:
     """Raise ValueError for a precision ``device`` would only emulate, slower than float32; the
-    message suggests ``fallback``."""
+    message suggests ``fallback``. INT8 runs on any CPU (its runtimes have AVX2 and VNNI kernels;
+    whether it is faster is measured: backend="auto"), and on no GPU here."""
     if dtype == torch.float32:
+        return
+    if dtype == torch.int8:
+        if device.type != "cpu":
+            raise ValueError(f"int8 runs on the CPU here (in OpenVINO or ONNX Runtime), not on {device}: "
+                             f"put the model on the CPU, or use {fallback}")
         return
     name = str(dtype).removeprefix("torch.")
     if device.type == "cuda":
@@ -76,6 +82,7 @@ def cpu_name() -> str:
 
 def describe_cpu() -> str:
     """Name, cores and the flags that decide the fast paths, for benchmark headers."""
-    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16")
+    isa = [f for f in ("avx2", "avx512f", "avx_vnni", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_int8",
+                       "amx_bf16", "amx_fp16")
            if f in cpu_flags()]
     return f"{cpu_name()} ({', '.join(isa) or 'no AVX2'}), {os.cpu_count()} cores"

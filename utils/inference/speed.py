@@ -12,12 +12,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from utils.inference import backends
+from utils.inference import backends, quantize
 from utils.inference.optimize import DTYPE_NAMES as DTYPES
 from utils.inference.optimize import optimize_for_inference
 from utils.inference.timing import gemm_gflops, matmul_functions, relative_error, time_interleaved
 
-SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "int8": "int8"}
 PEERS = tuple(backends.PEERS)
 
 
@@ -47,6 +47,7 @@ class Row:
     ceiling_pct: float
     speedup: float  # over plain eager float32, same model and batch size
     vs_fastest_peer: float | None  # speed over the fastest of ONNX Runtime and OpenVINO in the same dtype
+    # (for int8: in any float dtype measured)
     max_error: float  # largest output difference from eager float32, relative to the largest output
     top1: float  # ImageNet-1k val top-1 measured with the published weights
 
@@ -62,18 +63,24 @@ class Row:
 
 def variants(dtypes: list[str], compile: bool, peers: list[str]) -> list[tuple[str, str, bool]]:
     """(variant, dtype, compiled) in the order they run and are reported."""
-    torch_variants = [("optimized", d, c) for d in dtypes for c in ((False, True) if compile else (False,))]
-    peer_variants = [(p, d, False) for d in dtypes for p in peers if p != "onnxruntime" or d == "float32"]
+    torch_variants = [("optimized", d, c) for d in dtypes if d != "int8"  # INT8 runs in the runtimes
+                      for c in ((False, True) if compile else (False,))]
+    peer_variants = [(p, d, False) for d in dtypes for p in peers
+                     if (quantize.available(p) if d == "int8" else p != "onnxruntime" or d == "float32")]
     auto = [("auto", d, False) for d in dtypes] if peers else []
     return [("eager", "float32", False), *torch_variants, *peer_variants, *auto]
 
 
-def build(eager: torch.nn.Module, variant: str, dtype: str, compiled: bool, channels_last: bool) -> torch.nn.Module:
+def build(eager: torch.nn.Module, variant: str, dtype: str, compiled: bool, channels_last: bool,
+          img_size: int = 224) -> torch.nn.Module:
     if variant == "eager":
         return eager
     backend = "torch" if variant == "optimized" else variant
+    # INT8's ranges from inputs like the timed ones (random: so are the weights), so its error is in range.
+    calibration = torch.randn(16, 3, img_size, img_size, generator=torch.Generator().manual_seed(0)) \
+        if dtype == "int8" else None
     return optimize_for_inference(eager, backend=backend, dtype=DTYPES[dtype], channels_last=channels_last,
-                                  compile=compiled)
+                                  compile=compiled, calibration=calibration)
 
 
 def measure(subjects: list[Subject], make_model: Callable[[str], nn.Module], batch_sizes: list[int], dtypes: list[str],
@@ -96,7 +103,7 @@ def measure(subjects: list[Subject], make_model: Callable[[str], nn.Module], bat
             torch.compiler.reset()  # or, after 8 models, torch.compile would quietly fall back to eager
         eager = make_model(entry).to(device)
         bar.set_postfix_str(f"{entry}: preparing")
-        models = {v: build(eager, *v, channels_last) for v in runs}
+        models = {v: build(eager, *v, channels_last, img_size) for v in runs}
         for batch_size in batch_sizes:
             x = torch.randn(batch_size, 3, img_size, img_size, device=device)
             bar.set_postfix_str(f"{entry} batch {batch_size}")
@@ -114,11 +121,15 @@ def measure(subjects: list[Subject], make_model: Callable[[str], nn.Module], bat
     for subject in subjects:
         for batch_size in batch_sizes:
             times = timed[subject.arch, batch_size]
-            ceilings = {d: max(gemm_gflops(device, statistics.median(times[f"{path} {d}"])) for path in ("mm", "conv"))
+            ceilings = {d: max(gemm_gflops(device, statistics.median(times[f"{path} {d}"]))
+                                for path in ("mm", "conv") if f"{path} {d}" in times)
                         for d in ("float32", *dtypes)}
             baseline = statistics.median(times[runs[0]])
             fastest_peer = {d: min(statistics.median(times[v]) for v in runs if v[0] in PEERS and v[1] == d)
                             for d in dtypes if any(v[0] in PEERS and v[1] == d for v in runs)}
+            floats = [t for d, t in fastest_peer.items() if d != "int8"]
+            if "int8" in fastest_peer and floats:  # INT8 is measured against the fastest float peer
+                fastest_peer["int8"] = min(floats)
             for variant, dtype, compiled in runs:
                 seconds = statistics.median(times[variant, dtype, compiled])
                 spread = max(times[variant, dtype, compiled]) - min(times[variant, dtype, compiled])
