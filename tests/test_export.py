@@ -1,9 +1,11 @@
 """utils.inference.export and python -m utils.export: every architecture to TorchScript, torch.export and
 ONNX, checked against eager."""
+import os
 import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ from models.resnet import BLOCKS, ResNet
 from utils import export as export_command
 from utils.inference import export
 
-from .conftest import REPO, randomize_statistics
+from .conftest import REPO, randomize_statistics, sha256
 from .test_optimize import trained_like
 
 FORMATS = [".pt", ".pt2", ".onnx"]
@@ -87,17 +89,51 @@ def test_python_m_utils_export(resnet18_checkpoint, tmp_path, capsys):
     assert not (tmp_path / "r18.pt2").exists()
 
 
-def test_export_never_writes_over_its_weights_or_onto_a_directory(resnet18_checkpoint, tmp_path, capsys):
+SPELLINGS = {  # every way --weights can name the file that OUTPUT is: (output, --weights), from tmp_path
+    "the same path": lambda mine, tmp: (mine, str(mine)),
+    "a file:// URL": lambda mine, tmp: (mine, mine.as_uri()),
+    "a relative path": lambda mine, tmp: (mine, os.path.relpath(mine)),
+    "~ (quoted, so the shell leaves it)": lambda mine, tmp: (mine, "~/" + os.path.relpath(mine, Path.home())),
+    "a symbolic link as OUTPUT": lambda mine, tmp: (link(tmp / "link.pt", mine), str(mine)),
+    "a symbolic link as --weights": lambda mine, tmp: (mine, str(link(tmp / "link.pth", mine))),
+    "a hard link": lambda mine, tmp: (hard_link(tmp / "hard.pt", mine), str(mine)),
+}
+
+
+def link(path, target):
+    path.symlink_to(target)
+    return path
+
+
+def hard_link(path, target):
+    os.link(target, path)
+    return path
+
+
+@pytest.mark.parametrize("spelling", SPELLINGS)
+def test_export_never_writes_over_its_weights_however_they_are_named(spelling, resnet18_checkpoint, tmp_path,
+                                                                     capsys, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))  # so that ~ reaches tmp_path
+    monkeypatch.chdir(tmp_path)
     mine = tmp_path / "mine.pt"
     shutil.copyfile(resnet18_checkpoint, mine)
-    for output, message in ((mine, "mine.pt is the --weights file: writing there would destroy it"),
-                            (tmp_path, "is a directory: give a file name ending in .pt, .pt2, .onnx")):
-        with pytest.raises(SystemExit) as exit_:
-            export_command.main([str(output), "--model", "resnet18_ssl", "--weights", str(mine)])
-        err = capsys.readouterr().err
-        last = err.strip().splitlines()[-1]  # argparse's form: usage, then one line
-        assert exit_.value.code == 2 and last.startswith("python -m utils.export: error: ") and message in last
-    assert mine.read_bytes() == resnet18_checkpoint.read_bytes()
+    output, weights = SPELLINGS[spelling](mine, tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        export_command.main([str(output), "--model", "resnet18_ssl", "--weights", weights])
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # argparse's form: usage, then one line
+    assert exit_.value.code == 2 and "Traceback" not in err, err
+    assert last.startswith("python -m utils.export: error: ") and "is the --weights file: writing there would " \
+                                                                     "destroy it" in last, last
+    assert sha256(mine) == sha256(resnet18_checkpoint)
+
+
+def test_export_never_writes_onto_a_directory(resnet18_checkpoint, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        export_command.main([str(tmp_path), "--model", "resnet18_ssl", "--weights", str(resnet18_checkpoint)])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_.value.code == 2 and "is a directory: give a file name ending in .pt, .pt2, .onnx" in last
+    assert tmp_path.is_dir()
 
 
 def test_a_failed_export_leaves_the_previous_file_as_it_was(tmp_path):
@@ -105,6 +141,26 @@ def test_a_failed_export_leaves_the_previous_file_as_it_was(tmp_path):
     previous.write_bytes(b"the previous export")
     with pytest.raises(Exception):  # noqa: B017  (whatever the exporter raises)
         export.export(torch.nn.Sequential(NotExportable()), previous)
+    assert previous.read_bytes() == b"the previous export" and sorted(tmp_path.iterdir()) == [previous]
+
+
+@pytest.mark.parametrize("suffix, saver", [(".pt", "jit"), (".pt2", "export")])
+def test_an_export_that_fails_halfway_through_writing_leaves_the_previous_file_as_it_was(tmp_path, monkeypatch,
+                                                                                         suffix, saver):
+    previous = tmp_path / f"model{suffix}"
+    previous.write_bytes(b"the previous export")
+    module = getattr(torch, saver)
+    real = module.save
+
+    def fails_halfway(program, f, *args, **kwargs):
+        real(program, f, *args, **kwargs)  # written where the export writes...
+        with open(f, "r+b") as out:
+            out.truncate(os.path.getsize(f) // 2)  # ...then cut short, as by a full disk
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(module, "save", fails_halfway)
+    with pytest.raises(OSError, match="No space left on device"):
+        export.export(trained_like("resnet18_ssl"), previous)
     assert previous.read_bytes() == b"the previous export" and sorted(tmp_path.iterdir()) == [previous]
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
 
 from models import WEIGHTS, create_model
 from utils.cli import NO_PRETRAINED, add_entry_arguments, describe_weights, in_command_terms, positive, set_input_size
@@ -21,6 +23,17 @@ from utils.cli import NO_PRETRAINED, add_entry_arguments, describe_weights, in_c
 # The library, also under this module's name (utils.export.export(model, path), utils.export.check(...)).
 from utils.inference.export import FORMATS, ExportError, check, export, load, sample_batch  # noqa: F401, I001
 from utils.weights import CheckpointError
+
+
+def local_weights(weights: str | None) -> Path | None:
+    """The local file that --weights names, however it is spelt (a path with ~, a file:// URL); None for
+    none or a download. Comparing files, not spellings, also catches symbolic and hard links."""
+    if not weights:
+        return None
+    if "://" not in weights:
+        return Path(weights).expanduser()
+    parsed = urlsplit(weights)
+    return Path(url2pathname(parsed.path)) if parsed.scheme == "file" else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{args.output} is a directory: give a file name ending in {', '.join(FORMATS)}")
     if output.suffix not in FORMATS:
         parser.error(f"{args.output}: the name must end in {', '.join(FORMATS)}")
-    if args.weights and "://" not in args.weights and output.exists() and output.samefile(args.weights):
+    weights = local_weights(args.weights)
+    if weights is not None and output.exists() and output.samefile(weights):
         parser.error(f"{args.output} is the --weights file: writing there would destroy it; choose another name")
 
     try:
