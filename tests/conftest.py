@@ -31,12 +31,21 @@ def pytest_configure(config):
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
+# The user's settings that change what the tests measure: a proxy (the loopback servers would be
+# reached through it), the download limits, a mirror, torch.hub's cache.
+PINNED_AWAY = ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "SEMI_SUPERVISED_WEIGHTS_MIRROR",
+               "SEMI_SUPERVISED_DOWNLOAD_TIMEOUT", "SEMI_SUPERVISED_DOWNLOAD_MIN_RATE")
+
+
 @pytest.fixture(autouse=True)
 def torch_home(tmp_path, monkeypatch) -> Path:
-    """Every test gets an empty torch.hub cache, found through TORCH_HOME as a user's would be."""
+    """Every test gets an empty torch.hub cache, found through TORCH_HOME as a user's would be, and
+    none of the user's proxy, mirror or download settings."""
     home = tmp_path / "torch_home"
     monkeypatch.setenv("TORCH_HOME", str(home))
-    monkeypatch.delenv("SEMI_SUPERVISED_WEIGHTS_MIRROR", raising=False)
+    for name in PINNED_AWAY:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
     monkeypatch.setattr(torch.hub, "_hub_dir", None)
     return home
 

@@ -2,6 +2,7 @@
 import dataclasses
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from models import WEIGHTS, create_model
-from utils.weights import CheckpointError
+from utils.weights import CheckpointError, checkpoint
 from utils.weights.cache import hash_prefix
 
 from .conftest import REPO, cached_names, random_state_dict, save_code_running_pickle, save_legacy, sha256
@@ -41,11 +42,23 @@ def test_download_into_torch_home_verified_then_offline(server, resnet18_checkpo
     assert torch.equal(again.fc.weight, model.fc.weight)
 
 
-def test_weights_are_assigned_not_copied_and_nothing_is_left_on_meta(server, resnet18_checkpoint):
+def test_weights_are_assigned_not_copied_and_nothing_is_left_on_meta(server, resnet18_checkpoint, monkeypatch):
+    loaded = []  # what the real load_checkpoint returned: the tensors torch.load made
+
+    def recorded(*args, **kwargs):
+        loaded.append(real(*args, **kwargs))
+        return loaded[-1]
+
+    real = checkpoint.load_checkpoint
+    monkeypatch.setattr(checkpoint, "load_checkpoint", recorded)
     model = create_model("resnet18_ssl", weights=server.serve(resnet18_checkpoint))
-    tensors = [*model.parameters(), *model.buffers()]
-    assert not any(t.is_meta for t in tensors)
-    assert all(t.dtype in (torch.float32, torch.int64) for t in tensors)
+    (state_dict, _), = loaded
+    tensors = dict(model.state_dict(keep_vars=True))
+    assert tensors.keys() == state_dict.keys()
+    # Assigned: each parameter and buffer is the loaded tensor's memory, not a copy made beside it.
+    assert all(tensors[k].data_ptr() == state_dict[k].data_ptr() for k in tensors)
+    assert not any(t.is_meta for t in tensors.values())
+    assert all(t.dtype in (torch.float32, torch.int64) for t in tensors.values())
     assert all(isinstance(p, torch.nn.Parameter) and p.requires_grad for p in model.parameters())
 
 
@@ -60,7 +73,7 @@ def test_progress_bar_on_and_off(server, resnet18_checkpoint, torch_home, progre
                             timeout=120)
     assert result.returncode == 0, result.stderr
     assert f'Downloading: "{url}"' in result.stderr
-    assert ("100" in result.stderr and "%" in result.stderr) is progress
+    assert bool(re.search(r"(?m)^100%\|█+\| ", result.stderr)) is progress  # tqdm's bar, full at the end
 
 
 def test_hash_mismatch_names_url_expected_and_actual_and_caches_nothing(server, resnet18_checkpoint, torch_home):
@@ -76,6 +89,22 @@ def test_http_404_is_a_clear_error_and_caches_nothing(server, torch_home):
     with pytest.raises(CheckpointError, match=f"could not download {url}: HTTP 404.*weights=<its path>"):
         create_model("resnet18_ssl", weights=url)
     assert cached_names(torch_home) == []
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+def test_a_mirror_on_this_machine_is_fetched_directly_whatever_proxy_is_set(server, resnet18_checkpoint,
+                                                                            monkeypatch, torch_home, host):
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")  # a closed port: a request sent through it fails
+    url = server.serve(resnet18_checkpoint).replace("127.0.0.1", host)
+    model = create_model("resnet18_ssl", weights=url, progress=False)
+    assert server.requests.count("/" + resnet18_checkpoint.name) == 1
+    with torch.no_grad():
+        assert torch.equal(model(X), reference(resnet18_checkpoint)(X))
+    # Any other host goes through the proxy, as urllib sends it: here refused at the closed port.
+    with pytest.raises(CheckpointError, match="could not download http://weights.example/w-0123abcd.pth: .*refused"):
+        create_model("resnet18_ssl", weights="http://weights.example/w-0123abcd.pth")
+    assert cached_names(torch_home) == [resnet18_checkpoint.name]
 
 
 def test_weights_file_url_is_read_in_place_not_copied_into_the_cache(resnet18_checkpoint, torch_home):

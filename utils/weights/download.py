@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import http.client
+import ipaddress
 import math
 import os
 import sys
@@ -20,6 +21,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.error import HTTPError, URLError
+from urllib.parse import urlsplit
 
 TIMEOUT_ENV = "SEMI_SUPERVISED_DOWNLOAD_TIMEOUT"
 MIN_RATE_ENV = "SEMI_SUPERVISED_DOWNLOAD_MIN_RATE"
@@ -57,12 +59,23 @@ def min_rate() -> float:
     return _setting(MIN_RATE_ENV, DEFAULT_MIN_RATE, True, "a rate in kB/s")
 
 
+def _opener(url: str) -> urllib.request.OpenerDirector:
+    """urllib's opener, which honours the proxy settings (http_proxy, no_proxy, ...), except for a mirror on
+    this machine (localhost, 127.0.0.0/8, ::1): a proxy elsewhere cannot reach it, so it is fetched directly."""
+    host = urlsplit(url).hostname or ""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    return urllib.request.build_opener(*([urllib.request.ProxyHandler({})] if loopback else []))
+
+
 def download(url: str, destination: Path, *, progress: bool = True) -> None:
     """Write the body at ``url`` (http, https or file) to ``destination``, whole, or raise DownloadError."""
     seconds, rate = timeout(), min_rate()
     request = urllib.request.Request(url, headers={"User-Agent": "semi-supervised-hub"})
     try:
-        with urllib.request.urlopen(request, timeout=seconds) as response, open(destination, "wb") as f:
+        with _opener(url).open(request, timeout=seconds) as response, open(destination, "wb") as f:
             length = response.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
             received = 0
