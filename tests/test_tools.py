@@ -31,8 +31,11 @@ def expected_top(model, path, k):
     return [model.pretrained_cfg["classes"][i] for i in top.indices], top.values.tolist()
 
 
-def run_classify(capsys, *args):
-    status = classify.main([*args, "--model", "resnet18_ssl", "--workers", "0"])
+def run_classify(capsys, *args, device="cpu"):
+    """classify.main on ``device`` (the CPU, as the model the tests compare with; None for the default,
+    which is a GPU where there is one)."""
+    pinned = ["--device", device] if device and "--device" not in args else []
+    status = classify.main([*args, "--model", "resnet18_ssl", "--workers", "0", *pinned])
     out, err = capsys.readouterr()
     return status, [json.loads(line) for line in out.splitlines()] if "--json" in args else out, err
 
@@ -52,8 +55,10 @@ def test_classify_json_matches_the_model(model_and_weights, capsys, tmp_path):
 @pytest.mark.parametrize("backend", ["onnxruntime", "auto"])
 def test_classify_with_another_backend_gives_the_same_answer(model_and_weights, capsys, backend):
     model, weights = model_and_weights
-    # No --device: "auto" is the CPU for the runtimes, also where there is a GPU.
-    status, rows, _ = run_classify(capsys, str(SAMPLES), "--weights", weights, "--json", "--backend", backend)
+    # The default --device for onnxruntime: the CPU, also where there is a GPU. For "auto" it would be a GPU
+    # there, computing in TF32: pinned to the CPU, as the model it is compared with.
+    status, rows, _ = run_classify(capsys, str(SAMPLES), "--weights", weights, "--json", "--backend", backend,
+                                   device=None if backend == "onnxruntime" else "cpu")
     assert status == 0 and len(rows) == 2
     for row in rows:
         labels, probabilities = expected_top(model, row["path"], 5)
@@ -217,7 +222,10 @@ def direct_accuracy(model, root):
 
 
 def run_evaluate(capsys, *args):
-    status = evaluate.main([*args, "--model", "resnet18_ssl", "--json", "--workers", "0", "--batch-size", "4"])
+    """evaluate.main on the CPU (unless ``args`` say otherwise), as the model the tests compare with."""
+    pinned = [] if "--device" in args else ["--device", "cpu"]
+    status = evaluate.main([*args, "--model", "resnet18_ssl", "--json", "--workers", "0", "--batch-size", "4",
+                            *pinned])
     out, err = capsys.readouterr()
     return status, (json.loads(out) if status == 0 else None), err
 
@@ -315,6 +323,40 @@ def test_torchrun_fails_cleanly_when_the_weights_are_missing(tmp_path, val_dir):
                            "--weights", str(tmp_path / "missing.pth")], cwd=REPO, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode != 0 and done.stderr.count("missing.pth: no such file") == 2
+
+
+def torchrun_evaluate(root, *args):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "utils.evaluate", str(root), "--model", "resnet18_ssl", "--workers", "0",
+                           "--device", "cpu", *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+# What a process that fails inside a collective prints: Gloo's own error, which names no file.
+DISTRIBUTED_FAILURE = ("Connection closed by peer", "DistBackendError", "[rank0]:", "[rank1]:")
+
+
+def test_torchrun_fails_cleanly_when_the_weights_file_is_bad(tmp_path, val_dir):
+    """A file that exists passes argparse in every process: the first meets the error while loading, and
+    the others, waiting for it at the barrier, must not be left behind in it."""
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint at all")
+    done = torchrun_evaluate(val_dir, "--weights", bad)
+    assert done.returncode != 0 and done.stderr.count(f"error: {bad}") == 2, done.stderr[-3000:]
+    assert not any(failure in done.stderr for failure in DISTRIBUTED_FAILURE), done.stderr[-3000:]
+
+
+def test_torchrun_stops_every_process_cleanly_when_one_meets_an_unreadable_image(model_and_weights, val_dir,
+                                                                               tmp_path):
+    root = tmp_path / "val"
+    shutil.copytree(val_dir, root)
+    files = sorted(root.glob("*/*.JPEG"))
+    files[1].write_bytes(b"not a JPEG")  # in the second process's share only (every second image)
+    done = torchrun_evaluate(root, "--weights", model_and_weights[1])
+    assert done.returncode != 0, done.stderr[-3000:]
+    assert done.stderr.count(f"error: {files[1]}: not a readable image") == 1, done.stderr[-3000:]
+    assert done.stderr.count("error: 1 other process(es) met an unreadable image") == 1, done.stderr[-3000:]
+    assert not any(failure in done.stderr for failure in DISTRIBUTED_FAILURE), done.stderr[-3000:]
 
 
 def test_device_auto_is_the_cpu_for_the_cpu_runtimes_even_with_a_gpu(monkeypatch):

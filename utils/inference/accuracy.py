@@ -32,18 +32,29 @@ def count_correct(models: list[nn.Module], shard: list[tuple[Path, int]], prepro
     start = time.perf_counter()
     progress = tqdm(total=len(shard), unit="image", disable=rank != 0, file=sys.stderr,
                     desc=f"process 0 of {world}" if world > 1 else None)
+    error = None
     with torch.inference_mode(), progress as bar:
-        for indices, images, errors in loader:
-            if any(errors):
-                raise ImageError(next(e for e in errors if e))
-            target = labels[indices].to(device, non_blocking=True)
-            images = images.to(device, non_blocking=True)
-            for i, model in enumerate(models):
-                hits = model(images).topk(k, dim=1).indices == target[:, None]
-                counts[2 * i] += hits[:, 0].sum()
-                counts[2 * i + 1] += hits.any(dim=1).sum()
-            counts[-1] += len(indices)
-            bar.update(len(indices))
+        try:
+            for indices, images, errors in loader:
+                if any(errors):
+                    raise ImageError(next(e for e in errors if e))
+                target = labels[indices].to(device, non_blocking=True)
+                images = images.to(device, non_blocking=True)
+                for i, model in enumerate(models):
+                    hits = model(images).topk(k, dim=1).indices == target[:, None]
+                    counts[2 * i] += hits[:, 0].sum()
+                    counts[2 * i + 1] += hits.any(dim=1).sum()
+                counts[-1] += len(indices)
+                bar.update(len(indices))
+        except ImageError as e:
+            error = e
+    if world > 1:  # every process learns whether one met an unreadable image, so none waits for its counts
+        failed = torch.tensor([error is not None], dtype=torch.int64, device=device)
+        dist.all_reduce(failed)
+        if failed.item() and error is None:
+            error = ImageError(f"{failed.item()} other process(es) met an unreadable image, named in their error")
+    if error is not None:
+        raise error
     elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64, device=device)
     if world > 1:
         dist.all_reduce(counts)

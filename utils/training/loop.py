@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from models import create_model
+from utils.images.decode import ImageError
 from utils.training import FinetuneError
 from utils.training.data import Images
 
@@ -59,6 +60,19 @@ def make_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_ste
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def stop_together(ctx, failure: Exception | None = None) -> None:
+    """Raise ``failure``, and in the other processes, at the same point, an error that says so: under
+    torchrun every process calls this at the same points, so none is left waiting in a collective for one
+    that has stopped. Without torchrun it raises ``failure``, if any."""
+    if ctx.world > 1:
+        failed = torch.tensor([failure is not None], dtype=torch.int32, device=ctx.device)
+        dist.all_reduce(failed)
+        if failure is None and failed.item():
+            failure = FinetuneError(f"{failed.item()} other process(es) stopped, saying why above: this one stops too")
+    if failure is not None:
+        raise failure
+
+
 def train_epoch(model, loader, optimizer, schedule, loss_fn, scaler, amp, ctx, epoch, args) -> tuple[float, int]:
     model.train()
     if args.freeze_backbone:  # a linear probe: the backbone's BatchNorm statistics stay as pretrained
@@ -66,13 +80,20 @@ def train_epoch(model, loader, optimizer, schedule, loss_fn, scaler, amp, ctx, e
     total = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # loss sum, images
     bar = tqdm(loader, desc=f"epoch {epoch}/{args.epochs}", unit="batch", disable=not ctx.main or None, file=sys.stderr,
                leave=False)
-    for images, labels in bar:
+    batches = iter(bar)
+    for _ in range(len(loader)):
+        failure = None
+        try:
+            images, labels = next(batches)
+        except ImageError as e:  # damage the check before training could not see, in this process's share
+            failure = e
+        stop_together(ctx, failure)
         images = images.to(ctx.device, non_blocking=True, memory_format=torch.channels_last)
         labels = labels.to(ctx.device, non_blocking=True)
         with torch.autocast(ctx.device.type, dtype=amp, enabled=amp is not None):
             loss = loss_fn(model(images), labels)
-        if not torch.isfinite(loss):
-            raise FinetuneError(f"the loss became {loss.item()} in epoch {epoch}: lower --lr")
+        stop_together(ctx, None if torch.isfinite(loss) else FinetuneError(
+            f"the loss became {loss.item()} in epoch {epoch}: lower --lr"))
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -96,13 +117,18 @@ def validate(model, samples, preprocess, args, ctx, num_classes: int) -> tuple[f
     sums = torch.zeros(4, dtype=torch.float64, device=ctx.device)  # top-1 hits, top-5 hits, loss, images
     k = min(5, num_classes)
     bar = tqdm(loader, desc="validation", unit="batch", disable=not ctx.main or None, file=sys.stderr, leave=False)
-    for images, labels in bar:
-        images = images.to(ctx.device, non_blocking=True, memory_format=torch.channels_last)
-        labels = labels.to(ctx.device, non_blocking=True)
-        logits = model(images).float()
-        hits = logits.topk(k, dim=1).indices == labels[:, None]
-        loss = nn.functional.cross_entropy(logits, labels, reduction="sum")
-        sums += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), loss, torch.tensor(len(labels))]).to(sums)
+    failure = None
+    try:  # no collective inside: the processes' shares differ in length
+        for images, labels in bar:
+            images = images.to(ctx.device, non_blocking=True, memory_format=torch.channels_last)
+            labels = labels.to(ctx.device, non_blocking=True)
+            logits = model(images).float()
+            hits = logits.topk(k, dim=1).indices == labels[:, None]
+            loss = nn.functional.cross_entropy(logits, labels, reduction="sum")
+            sums += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), loss, torch.tensor(len(labels))]).to(sums)
+    except ImageError as e:
+        failure = e
+    stop_together(ctx, failure)
     if ctx.world > 1:
         dist.all_reduce(sums)
     top1, top5, loss, n = sums.tolist()
