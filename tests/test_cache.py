@@ -1,8 +1,10 @@
 """What reaches the cache, what stays tied to a model, and what is refused: checkpoints under abuse."""
+import errno
 import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -184,15 +186,31 @@ def test_a_cache_that_cannot_be_written_names_torch_home(server, resnet18_checkp
         create_model("resnet18_ssl", weights=server.serve(resnet18_checkpoint))
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only directories")
-def test_a_read_only_cache_names_torch_home(server, resnet18_checkpoint, torch_home):
-    torch_home.mkdir()
-    torch_home.chmod(0o555)
-    try:
-        with pytest.raises(CheckpointError, match="cannot write to the checkpoint cache .*set TORCH_HOME"):
-            create_model("resnet18_ssl", weights=server.serve(resnet18_checkpoint))
-    finally:
-        torch_home.chmod(0o755)
+@pytest.mark.parametrize("exists", [False, True], ids=["the cache folder cannot be made",
+                                                     "no file can be made in the cache folder"])
+def test_a_read_only_cache_names_torch_home(server, resnet18_checkpoint, torch_home, monkeypatch, exists):
+    """TORCH_HOME on a read-only file system, as the operating system reports it (EROFS), which stops
+    root too, where a folder's permission bits would not."""
+    cache = torch_home / "hub" / "checkpoints"
+    if exists:
+        cache.mkdir(parents=True)
+    real_open, real_mkdir = os.open, os.mkdir
+
+    def read_only(real):
+        def call(path, *args, **kwargs):
+            if Path(path).is_relative_to(torch_home):
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+            return real(path, *args, **kwargs)
+        return call
+
+    url = server.serve(resnet18_checkpoint)
+    with monkeypatch.context() as patched, pytest.raises(CheckpointError, match=(
+            r"cannot write to the checkpoint cache .*checkpoints \(Read-only file system\): set TORCH_HOME to a "
+            r"writable directory")):
+        patched.setattr(os, "open", read_only(real_open))
+        patched.setattr(os, "mkdir", read_only(real_mkdir))
+        create_model("resnet18_ssl", weights=url)
+    assert (list(cache.iterdir()) == []) if exists else not cache.exists()
 
 
 def test_a_named_pipe_as_weights_is_refused_without_blocking(tmp_path):

@@ -78,7 +78,12 @@ def test_metadata_preprocessing_and_class_names_travel_with_the_model():
     assert cfg["wnids"] == sorted(cfg["wnids"])  # model-output order is the sorted WordNet ids
     x = model.preprocess(Image.new("RGB", (500, 375), (200, 30, 60)))
     assert x.shape == (3, 224, 224)
-    assert model(x[None]).argmax().item() in range(1000)
+    # A flat colour stays flat through resizing and cropping: each pixel is the colour, normalised by
+    # the model's own mean and std.
+    colour = (torch.tensor([200, 30, 60]) / 255 - torch.tensor(cfg["mean"])) / torch.tensor(cfg["std"])
+    torch.testing.assert_close(x, colour[:, None, None].expand(3, 224, 224), rtol=0, atol=1e-6)
+    logits = model(x[None])
+    assert logits.shape == (1, 1000) and torch.isfinite(logits).all()
 
 
 def test_loading_adds_one_private_package_and_nothing_heavy(resnet18_checkpoint):
