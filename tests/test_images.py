@@ -141,8 +141,8 @@ print(peak_kib() - start)
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's per-process peak reset")
 def test_16_bit_conversion_needs_little_more_memory_than_the_8_bit_image(tmp_path):
     """The process's own peak memory (PIL's C allocations included, which tracemalloc cannot see) while a
-    12-megapixel 16-bit PNG becomes 8-bit RGB: the 8-bit grey and RGB images (4 bytes a pixel) and little
-    more. Converting it whole (as 32-bit floats, say) would take 12 bytes a pixel or more."""
+    12-megapixel 16-bit PNG becomes 8-bit RGB: the 8-bit grey and RGB images (5 bytes a pixel, as PIL
+    keeps RGB in 4) and little more (5.2 measured). Converting it whole, through 32-bit floats, took 8."""
     height, width = 3000, 4000
     values = ((np.arange(height)[:, None] * 7 + np.arange(width)[None, :] * 13) % 65536).astype(np.uint16)
     path = save(Image.fromarray(values), tmp_path / "big.png")
@@ -150,7 +150,7 @@ def test_16_bit_conversion_needs_little_more_memory_than_the_8_bit_image(tmp_pat
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     per_pixel = int(done.stdout) * 1024 / (height * width)
-    assert per_pixel < 6, f"{per_pixel:.1f} bytes a pixel"
+    assert per_pixel < 6.5, f"{per_pixel:.1f} bytes a pixel"
 
 
 def test_cmyk_jpeg(tmp_path):
