@@ -6,6 +6,7 @@ takes torchvision's keyword arguments. Nothing here imports torchvision.
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 
 import torch
@@ -114,6 +115,7 @@ class ResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.num_features = 512 * block.expansion
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
+        self.grad_checkpointing = False
 
         # On the meta device there is nothing to initialise (and the init functions would import
         # torch._dynamo there, a second and a half): the checkpoint's tensors are assigned instead.
@@ -172,10 +174,93 @@ class ResNet(nn.Module):
         return type(self) in (ResNet, ResNetFeatures) and all(type(b) in BLOCKS.values() for b in blocks)
 
     def forward(self, x: Tensor) -> Tensor:
-        check_input(x, self.conv1.weight)
+        return self.forward_head(self.forward_features(x))
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The last feature map, before pooling (timm's ``forward_features``)."""
+        if not torch.jit.is_scripting():  # TorchScript compiles neither the input check nor checkpointing
+            check_input(x, self.conv1.weight)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                return self._checkpointed(x, (4,))[0]
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Pooling and the classifier on ``forward_features``' map; with ``pre_logits``, the pooled features
+        (timm's ``forward_head``)."""
+        x = torch.flatten(self.avgpool(x), 1)
+        return x if pre_logits else self.fc(x)
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str = "avg") -> None:
+        """A new, randomly initialised ``num_classes``-class head, or none (pooled features) for 0, as timm's
+        ``reset_classifier``; ``pretrained_cfg`` says so."""
+        if global_pool != "avg":
+            raise ValueError(f"these models pool by averaging: global_pool='avg', got {global_pool!r}")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be a whole number >= 0 (0: no head), got {num_classes!r}")
+        weight = self.conv1.weight
+        self.fc = (nn.Linear(self.num_features, num_classes, device=weight.device, dtype=weight.dtype)
+                   if num_classes else nn.Identity())
+        if hasattr(self, "pretrained_cfg"):
+            self.pretrained_cfg = {**self.pretrained_cfg, "num_classes": num_classes, "classes": None,
+                                   "wnids": None, "head": "new" if num_classes else None}
+
+    @property
+    def default_cfg(self) -> dict:
+        """timm's older name of ``pretrained_cfg``: the same object."""
+        return self.pretrained_cfg
+
+    @default_cfg.setter
+    def default_cfg(self, cfg: dict) -> None:
+        self.pretrained_cfg = cfg
+
+    __jit_unused_properties__ = ["default_cfg"]  # for TorchScript: metadata, not computation
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Keep only each block's input in training and recompute its activations in the backward pass
+        (the stem's too): far less memory for about a third more time; timm's ``set_grad_checkpointing``."""
+        self.grad_checkpointing = bool(enable)
+
+    @torch.jit.unused
+    def _checkpointed(self, x: Tensor, keep: tuple[int, ...]) -> list[Tensor]:
+        """The outputs of the stages in ``keep`` (0 the stem, 1-4 ``layer1``-``layer4``), the stem and every
+        block run under activation checkpointing."""
+        x = _checkpoint(lambda t: self.relu(self.bn1(self.conv1(t))), self.bn1, x)
+        kept = [x] if 0 in keep else []
+        x = self.maxpool(x)
+        for i in range(1, max(keep) + 1):
+            for block in getattr(self, STAGES[i]):
+                x = _checkpoint(block, block, x)
+            if i in keep:
+                kept.append(x)
+        return kept
+
+
+def _checkpoint(function: Callable[[Tensor], Tensor], module: nn.Module, x: Tensor) -> Tensor:
+    """``function(x)`` with its activations recomputed in the backward pass. The BatchNorm layers of
+    ``module`` normalise the recomputation with the batch's statistics, as the first pass did, without
+    updating their running statistics a second time."""
+    from torch.utils.checkpoint import checkpoint  # on first use: loading a model does not need it
+
+    return checkpoint(function, x, use_reentrant=False,
+                      context_fn=lambda: (contextlib.nullcontext(), _running_statistics_left_alone(module)))
+
+
+@contextlib.contextmanager
+def _running_statistics_left_alone(module: nn.Module):
+    """The recomputation runs as the first pass did, updates included, and the BatchNorm buffers are then
+    put back as the first pass left them."""
+    buffers = [b for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for b in m.buffers()]
+    kept = [b.clone() for b in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, k in zip(buffers, kept):
+                b.copy_(k)
 
 
 STAGES = ("relu", "layer1", "layer2", "layer3", "layer4")  # out_indices 0..4: strides 2, 4, 8, 16, 32
@@ -205,12 +290,35 @@ class ResNetFeatures(ResNet):
         del self.avgpool, self.fc
 
     def forward(self, x: Tensor) -> list[Tensor]:  # type: ignore[override]
-        check_input(x, self.conv1.weight)
+        if not torch.jit.is_scripting():
+            check_input(x, self.conv1.weight)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                return self._checkpointed(x, self.out_indices)
         x = self.relu(self.bn1(self.conv1(x)))
-        features = [x] if 0 in self.out_indices else []
+        features: list[Tensor] = [x] if 0 in self.out_indices else []
         x = self.maxpool(x)
-        for i in range(1, max(self.out_indices) + 1):
-            x = getattr(self, STAGES[i])(x)
-            if i in self.out_indices:
+        # Stage by stage, not looked up by name, so that TorchScript can compile it; the stages past the
+        # last one asked for are not there.
+        if hasattr(self, "layer1"):
+            x = self.layer1(x)
+            if 1 in self.out_indices:
+                features.append(x)
+        if hasattr(self, "layer2"):
+            x = self.layer2(x)
+            if 2 in self.out_indices:
+                features.append(x)
+        if hasattr(self, "layer3"):
+            x = self.layer3(x)
+            if 3 in self.out_indices:
+                features.append(x)
+        if hasattr(self, "layer4"):
+            x = self.layer4(x)
+            if 4 in self.out_indices:
                 features.append(x)
         return features
+
+    def _no_head(self, *args, **kwargs):
+        raise TypeError("a features_only model gives its feature maps from model(x), and has no head: "
+                        "forward_features, forward_head and the classifier methods belong to features_only=False")
+
+    forward_features = forward_head = get_classifier = reset_classifier = _no_head

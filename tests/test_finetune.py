@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from models import create_model
+from models import resnet as models_resnet
 from utils import finetune
 from utils.images.preprocess import Preprocess
 from utils.training import augment, loop, plot, resume, run
@@ -85,6 +86,24 @@ def test_finetuning_learns_the_classes_and_writes_everything(trained):
     last = torch.load(trained / "last.pth", weights_only=True)
     assert last["epoch"] == 3 and last["classes"] == CLASSES and last["recipe"]["lr"] == 0.01
     assert not list(trained.glob(".*.tmp"))
+
+
+def test_grad_checkpointing_trains_the_same_weights(trained, data, pretrained, tmp_path, monkeypatch):
+    """--grad-checkpointing turns it on in the model that trains, and changes what is kept in memory, not
+    what is computed: the run ends with the weights of the run without it, bit for bit."""
+    train, val = data
+    turned_on = []
+    real = models_resnet.ResNet.set_grad_checkpointing
+    monkeypatch.setattr(models_resnet.ResNet, "set_grad_checkpointing",
+                        lambda self, enable=True: turned_on.append(enable) or real(self, enable))
+    out = tmp_path / "out"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert finetune_main(train, "--output", out, "--val", val, "--weights", pretrained, *RECIPE,
+                             "--grad-checkpointing") == 0
+    assert turned_on == [True] and "; gradient checkpointing" in printed.getvalue().splitlines()[0]
+    once, checkpointed = (torch.load(d / "last.pth", weights_only=True)["model"] for d in (trained, out))
+    assert all(torch.equal(once[k], checkpointed[k]) for k in once)
 
 
 def test_best_pth_loads_through_torch_hub_with_no_other_argument_and_an_independent_evaluation_agrees(trained, data):

@@ -88,6 +88,9 @@ def make_parser() -> argparse.ArgumentParser:
                         help="validation and the saved model's transform: resize the shorter side to --img-size / F, "
                              "then take the centre --img-size square (default: 0.875 with --augment crop, else 1)")
     parser.add_argument("--freeze-backbone", action="store_true", help="train the head only (a linear probe)")
+    parser.add_argument("--grad-checkpointing", action="store_true",
+                        help="recompute each block's activations in the backward pass instead of keeping them: "
+                             "far less memory (larger batches) for about a third more time")
     parser.add_argument("--workers", type=count,
                         help="processes decoding images, per process (default: 0 for images of at most "
                              f"{int(math.sqrt(SMALL_IMAGE))}x{int(math.sqrt(SMALL_IMAGE))} pixels, which decode "

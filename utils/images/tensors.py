@@ -14,7 +14,7 @@ MIN_SIZE = 32  # the network reduces images 32 times: smaller ones have nothing 
 def check_input(x: Tensor, weight: Tensor) -> None:
     """Raise a clear error for input the network cannot take: torch's own errors name neither the
     expected layout nor the remedy (and a CHW image without a batch dimension would not even fail)."""
-    if torch.jit.is_tracing():
+    if torch.jit.is_tracing() or isinstance(x, torch.fx.Proxy):
         return  # a trace records tensor operations only: these Python checks would not be in it anyway
     if not isinstance(x, Tensor):
         raise TypeError(f"expected a tensor of images (N, 3, H, W), got {type(x).__name__}")

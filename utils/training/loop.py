@@ -30,6 +30,7 @@ def build_model(args: argparse.Namespace, num_classes: int, device: torch.device
     if args.freeze_backbone:
         for name, p in model.named_parameters():
             p.requires_grad = name.startswith("fc.")
+    model.set_grad_checkpointing(args.grad_checkpointing)
     return model.to(device, memory_format=torch.channels_last).train()
 
 

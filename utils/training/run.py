@@ -191,7 +191,8 @@ def announce(args: argparse.Namespace, classes: list[str], n_train: int, n_val: 
     lines = [f"{args.model} from {start_from}{resumed}: {n_train} training and {n_val} validation images of "
              f"{len(classes)} classes at {args.img_size} px; augmentation {args.augment} "
              f"({AUGMENTATIONS[args.augment]}{crop}), evaluation crop {args.eval_crop_pct:g}; head lr {args.lr:g}, "
-             f"backbone lr {args.backbone_lr:g}; {args.workers} worker(s), {ctx.world} process(es) on {ctx.device}"]
+             f"backbone lr {args.backbone_lr:g}; {args.workers} worker(s), {ctx.world} process(es) on {ctx.device}"
+             + ("; gradient checkpointing" if args.grad_checkpointing else "")]
     try:
         import matplotlib  # noqa: F401
     except ImportError:
