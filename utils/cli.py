@@ -204,9 +204,16 @@ def load_model(entry: str, weights: str | None, device: torch.device, num_classe
     """The model on ``device``, optimised for inference by ``backend`` in ``dtype`` (INT8 calibrated on
     the ``calibration`` images); random weights without ``pretrained``; ``img_size`` for weights that do
     not say theirs."""
+    model = eager_model(entry, weights, device, num_classes, pretrained, img_size)
+    return optimize_for_inference(model, backend=backend, dtype=DTYPES[dtype], calibration=calibration)
+
+
+def eager_model(entry: str, weights: str | None, device: torch.device, num_classes: int | None = None,
+                pretrained: bool = True, img_size: int | None = None) -> nn.Module:
+    """The model as ``create_model`` gives it, on ``device``, with the input size ``img_size``."""
     model = create_model(entry, pretrained=pretrained, weights=weights, num_classes=num_classes, progress=True)
     set_input_size(model, img_size)
-    return optimize_for_inference(model.to(device), backend=backend, dtype=DTYPES[dtype], calibration=calibration)
+    return model.to(device)
 
 
 def set_input_size(model: nn.Module, img_size: int | None) -> None:

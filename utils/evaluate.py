@@ -26,14 +26,15 @@ import torch.distributed as dist
 
 from models import WEIGHTS
 from utils.cli import (
+    DTYPES,
     NO_PRETRAINED,
     add_model_arguments,
     check_dtype,
     contradiction,
     describe_weights,
+    eager_model,
     in_command_terms,
     input_config,
-    load_model,
     pick_device,
     positive,
     wordnet_ids,
@@ -42,6 +43,7 @@ from utils.images.decode import IMAGE_SUFFIXES, ImageError
 from utils.images.preprocess import Preprocess
 from utils.inference.accuracy import count_correct
 from utils.inference.distributed import start
+from utils.inference.optimize import optimize_for_inference
 from utils.weights import CheckpointError
 
 
@@ -133,13 +135,13 @@ def evaluate(args: argparse.Namespace) -> int:
         if world > 1 and rank != 0:
             dist.barrier()  # rank 0 downloads the checkpoint first; the others then read it from the cache
         try:
-            model = load_model(args.model, args.weights, device, num_classes=args.num_classes, dtype=args.dtype,
-                               backend=args.backend, pretrained=not args.no_pretrained, img_size=args.img_size,
-                               calibration=args.calibration)
-            # INT8 is reported beside float32 on the same images: the checkpoint is in the cache by now.
-            models = [model] + ([load_model(args.model, args.weights, device, num_classes=args.num_classes,
-                                            pretrained=not args.no_pretrained, img_size=args.img_size)]
-                                if args.dtype == "int8" else [])
+            eager = eager_model(args.model, args.weights, device, num_classes=args.num_classes,
+                                pretrained=not args.no_pretrained, img_size=args.img_size)
+            model = optimize_for_inference(eager, backend=args.backend, dtype=DTYPES[args.dtype],
+                                           calibration=args.calibration)
+            # INT8 is reported beside float32 on the same images, both made from the one loaded model.
+            models = [model, optimize_for_inference(eager)] if args.dtype == "int8" else [model]
+            del eager
         finally:
             if world > 1 and rank == 0:
                 dist.barrier()  # also when loading failed: the others then fail with the same error, not hang

@@ -38,8 +38,9 @@ def count_correct(models: list[nn.Module], shard: list[tuple[Path, int]], prepro
             for indices, images, errors in loader:
                 if any(errors):
                     raise ImageError(next(e for e in errors if e))
-                target = labels[indices].to(device, non_blocking=True)
-                images = images.to(device, non_blocking=True)
+                if models:  # (without, the decoding pipeline alone is measured)
+                    target = labels[indices].to(device, non_blocking=True)
+                    images = images.to(device, non_blocking=True)
                 for i, model in enumerate(models):
                     hits = model(images).topk(k, dim=1).indices == target[:, None]
                     counts[2 * i] += hits[:, 0].sum()
