@@ -178,6 +178,32 @@ def test_the_self_check_fails_on_outputs_that_are_not_finite(tmp_path):
         export.check(model, path, torch.randn(2, 3, 64, 64))
 
 
+@pytest.mark.parametrize("flaw", ["overflow", "mismatch"])
+def test_an_export_that_fails_its_check_leaves_the_previous_file_as_it_was(tmp_path, capsys, monkeypatch, flaw):
+    monkeypatch.chdir(tmp_path)
+    good = tmp_path / "good.pth"
+    torch.save(trained_like("resnet18_ssl").state_dict(), good)
+    command = ["keep.pt", "--model", "resnet18_ssl", "--img-size", "64", "--weights"]
+    assert export_command.main([*command, str(good)]) == 0
+    kept, files = sha256(tmp_path / "keep.pt"), sorted(tmp_path.iterdir())
+    weights = good
+    if flaw == "overflow":  # weights whose outputs overflow float32
+        state = trained_like("resnet18_ssl").state_dict()
+        state["fc.weight"].fill_(3e38)
+        weights = tmp_path / "bad.pth"
+        torch.save(state, weights)
+        files.append(weights)
+        expected = "the model's own outputs hold NaN or infinite"
+    else:  # an exported file that does not reproduce the model
+        real = export.load
+        monkeypatch.setattr(export, "load", lambda path: (lambda x: [2 * y for y in real(path)(x)]))
+        expected = "outputs differ from the eager model's"
+    assert export_command.main([*command, str(weights)]) == 1
+    err = capsys.readouterr().err
+    assert expected in err and "keep.pt was left as it was" in err and ".partial" not in err, err
+    assert sha256(tmp_path / "keep.pt") == kept and sorted(tmp_path.iterdir()) == sorted(files)
+
+
 def test_a_two_class_file_names_the_option_that_fits_it(tmp_path, capsys):
     torch.save(trained_like("resnet18_ssl", num_classes=2).state_dict(), tmp_path / "two_class.pth")
     assert export_command.main([str(tmp_path / "r18.pt"), "--model", "resnet18_ssl", "--weights",

@@ -617,12 +617,16 @@ def test_a_damaged_metrics_line_is_named_and_the_run_recovers_from_last_pth(data
     assert finetune_main(train, "--output", out, "--val", val, "--no-pretrained", *recipe, "--stop-after", "1") == 0
     (out / "metrics.jsonl").write_text('{"epo')  # epoch 1's line lost, and a line cut short
     (out / ".last.pth.0123456789ab.tmp").write_bytes(b"x" * 1000)  # what a save killed by SIGKILL leaves
+    mine = [".draft.tmp", ".last.pth.notes.tmp", ".curves.png.0123456789ab.tmp.bak"]  # the user's, not the run's
+    for name in mine:
+        (out / name).write_text("the user's")
     capsys.readouterr()
     assert finetune_main(train, "--resume", out / "last.pth") == 0
     assert f"warning: {out / 'metrics.jsonl'}, line 1, is damaged" in capsys.readouterr().err
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert lines[0] == '{"epo' and [json.loads(line)["epoch"] for line in lines[1:]] == [1, 2]
-    assert not list(out.glob(".*.tmp"))
+    assert sorted(p.name for p in out.glob(".*tmp*")) == sorted(mine)  # the run's leftover alone is gone
+    assert all((out / name).read_text() == "the user's" for name in mine)
 
 
 def test_errors_before_the_work_are_one_line(data, tmp_path, capsys, monkeypatch):

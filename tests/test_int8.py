@@ -269,7 +269,10 @@ def test_openvino_computes_int8s_float_layers_in_bfloat16_only_where_the_cpu_has
     monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset(flags))
     fast = optimize_for_inference(trained_like("resnet18_ssl"), backend="openvino", dtype="int8",
                                   calibration=calibration)
-    assert fast.runner.compiled.get_property("INFERENCE_PRECISION_HINT").to_string() == precision
+    # What the code asks of OpenVINO, on any CPU; what OpenVINO grants depends on the real one, except f32.
+    assert fast.runner.config["INFERENCE_PRECISION_HINT"] == precision
+    if precision == "f32":
+        assert fast.runner.compiled.get_property("INFERENCE_PRECISION_HINT").to_string() == "f32"
 
 
 def test_openvino_int8_quantizes_a_graph_whose_convolution_biases_are_constants(calibration):

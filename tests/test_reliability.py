@@ -12,6 +12,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -29,7 +30,7 @@ from utils import cache as cache_command
 from utils.weights import CheckpointError
 from utils.weights.cache import RECORDS
 
-from .conftest import REPO, cached_names
+from .conftest import REPO, cached_names, sha256
 
 
 class FaultyServer:
@@ -375,6 +376,22 @@ def test_files_cached_from_other_urls_are_listed_and_cleared_and_others_left_alo
     assert cache_command.main(["clear"]) == 0
     assert "2 checkpoint(s) removed" in capsys.readouterr().out
     assert sorted(p.name for p in cache.iterdir()) == ["someone_elses.pth"]
+
+
+def test_clear_removes_only_what_this_repository_downloaded_not_files_it_verified(cached_resnet18, server,
+                                                                                  resnet18_checkpoint, capsys):
+    cache = cached_resnet18.parent
+    theirs = cache / resnet18_checkpoint.name  # another project's (torchvision's) resnet18-<sha>.pth
+    shutil.copyfile(resnet18_checkpoint, theirs)
+    served = resnet18_checkpoint.with_name(f"other_{resnet18_checkpoint.name}")
+    shutil.copyfile(resnet18_checkpoint, served)
+    ours = cache / served.name
+    create_model("resnet18_ssl", weights=theirs)  # loaded once, so verified and recorded
+    create_model("resnet18_ssl", weights=server.serve(served))  # downloaded under its own name
+    assert ours.exists()
+    assert cache_command.main(["clear"]) == 0
+    assert sorted(p.name for p in cache.iterdir()) == [theirs.name], capsys.readouterr().out
+    assert sha256(theirs) == sha256(resnet18_checkpoint)
 
 
 def test_clear_names_what_it_cannot_find_and_an_unwritable_cache_is_one_line(cached_resnet18, capsys, monkeypatch):

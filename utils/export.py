@@ -59,8 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         model = create_model(args.model, pretrained=not args.no_pretrained, weights=args.weights,
                              num_classes=args.num_classes, features_only=args.features_only)
         set_input_size(model, args.img_size)  # the size of the check on the sample photos
-        path = export(model, args.output)
-        error = check(model, path, sample_batch(model))
+        batch, errors = sample_batch(model), []
+        # Checked before it replaces what is at OUTPUT: a file that fails the check never takes its place.
+        path = export(model, args.output, verify=lambda written: errors.append(check(model, written, batch)))
+        error = errors[0]
     except (ValueError, FileNotFoundError, CheckpointError) as e:
         print(f"error: {in_command_terms(e)}", file=sys.stderr)
         return 2

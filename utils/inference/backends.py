@@ -107,9 +107,9 @@ def openvino_runner(model, dtype: torch.dtype, threads: int) -> Callable[[np.nda
 
     core = openvino.Core()
     # The precision is set explicitly: OpenVINO otherwise computes in bf16 wherever the CPU has it.
-    compiled = core.compile_model(core.read_model(model) if isinstance(model, bytes) else model, "CPU", {
-        "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads,
-        "INFERENCE_PRECISION_HINT": openvino_precision(dtype)})
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads,
+              "INFERENCE_PRECISION_HINT": openvino_precision(dtype)}
+    compiled = core.compile_model(core.read_model(model) if isinstance(model, bytes) else model, "CPU", config)
     idle: queue.SimpleQueue = queue.SimpleQueue()  # one request per concurrent caller, reused
 
     def run(x: np.ndarray) -> list[np.ndarray]:
@@ -122,7 +122,7 @@ def openvino_runner(model, dtype: torch.dtype, threads: int) -> Callable[[np.nda
         finally:
             idle.put(request)
 
-    run.compiled = compiled  # what OpenVINO compiled, with its properties
+    run.config, run.compiled = config, compiled  # what was asked of OpenVINO, and what it compiled
     return run
 
 

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -26,8 +27,10 @@ class ExportError(RuntimeError):
     """An export failed, or the exported file does not reproduce the model."""
 
 
-def export(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write ``model`` (in eval mode) to ``path`` in the format of its suffix; see the module docstring."""
+def export(model: nn.Module, path: str | os.PathLike, verify: Callable[[Path], object] | None = None) -> Path:
+    """Write ``model`` (in eval mode) to ``path`` in the format of its suffix; see the module docstring.
+    ``verify(written)``, if given, checks the written file before it takes ``path``'s place: where it
+    raises, ``path`` stays as it was."""
     path = Path(path)
     kind = FORMATS.get(path.suffix)
     if kind is None:
@@ -50,6 +53,12 @@ def export(model: nn.Module, path: str | os.PathLike) -> Path:
                 torch.export.save(torch.export.export(model, (example,), dynamic_shapes=_dynamic_shapes()), partial)
             else:
                 _export_onnx(model, example, partial)
+        if verify is not None:
+            try:
+                verify(partial)
+            except ExportError as e:  # named as the file it was to become
+                kept = "was left as it was" if path.exists() else "was not written"
+                raise ExportError(f"{str(e).replace(str(partial), str(path))}; {path} {kept}") from None
         os.replace(partial, path)
     finally:
         with contextlib.suppress(OSError):  # a folder that cannot be written: the error above says so

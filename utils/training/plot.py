@@ -1,23 +1,18 @@
 """curves.png: the losses, the validation accuracy and the learning rates of a run, by epoch."""
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
-from utils.training.run_folder import TMP_SUFFIX, RunFolder
+from utils.training.run_folder import RunFolder, RunFolderError
 
 
 def plot_to(folder: RunFolder, history: list[dict], title: str) -> None:
     """curves.png, written like the other files: beside its place, then renamed."""
-    tmp = folder.path / f".curves.png.{os.getpid()}{TMP_SUFFIX}"
     try:
-        if plot(history, tmp, title):
-            os.replace(tmp, folder.path / "curves.png")
-    except OSError as e:
-        print(f"warning: curves.png could not be written ({e.strerror}); the run goes on", file=sys.stderr)
-    finally:
-        tmp.unlink(missing_ok=True)
+        folder.write_with("curves.png", lambda tmp: plot(history, tmp, title))
+    except RunFolderError as e:
+        print(f"warning: {e}; the run goes on", file=sys.stderr)
 
 
 def plot(metrics: list[dict], path: Path, title: str) -> bool:

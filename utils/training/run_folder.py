@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -19,6 +20,9 @@ import torch
 RUN_FILES = ("last.pth", "best.pth", "metrics.jsonl", "classes.txt", "curves.png")
 LOCK = ".lock"
 TMP_SUFFIX = ".tmp"
+# What _write names its temporaries: ".<run file>.<12 hex digits>.tmp". Only these are a run's leftovers;
+# any other file in the folder is the user's.
+LEFTOVER = re.compile(rf"^\.({'|'.join(map(re.escape, RUN_FILES))})\.[0-9a-f]{{12}}{re.escape(TMP_SUFFIX)}$")
 
 
 class RunFolderError(ValueError):
@@ -60,9 +64,10 @@ class RunFolder:
 
     def _remove_leftovers(self) -> None:
         """Temporary files of a run that was killed while saving: no live run can own them, as we hold the lock."""
-        for leftover in self.path.glob(f".*{TMP_SUFFIX}"):
-            with contextlib.suppress(OSError):
-                leftover.unlink()
+        for leftover in self.path.iterdir():
+            if LEFTOVER.match(leftover.name) and leftover.is_file():
+                with contextlib.suppress(OSError):
+                    leftover.unlink()
 
     def check_space(self, need: int) -> None:
         """Refuse now, not after an epoch, a folder without room for ``need`` bytes."""
@@ -81,6 +86,10 @@ class RunFolder:
     def write_text(self, name: str, text: str) -> None:
         self._write(name, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
+    def write_with(self, name: str, write) -> None:
+        """``write(path)`` writes ``name``'s content to ``path``, which is then renamed over ``name``."""
+        self._write(name, write)
+
     def append(self, name: str, text: str) -> None:
         """Add ``text`` at the end of ``name``; what is there is never rewritten."""
         try:
@@ -93,8 +102,8 @@ class RunFolder:
         path = self.path / name
         tmp = path.with_name(f".{name}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}")
         try:
-            write(tmp)
-            os.replace(tmp, path)
+            if write(tmp) is not False:  # False: nothing to write
+                os.replace(tmp, path)
         except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
             raise self._failed(name, e) from None
         finally:

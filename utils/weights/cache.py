@@ -78,7 +78,7 @@ def verify(path: Path, expected: str, origin: str) -> None:
     known = _read_records().get(str(path.resolve()))
     if known and known.get("stat") == _signature(path) and str(known.get("sha256", "")).startswith(expected):
         return
-    record(path, check_hash(path, expected, origin, cached=in_cache(path)))
+    record(path, check_hash(path, expected, origin, cached=in_cache(path)), url=(known or {}).get("url"))
 
 
 def check_hash(path: Path, expected: str, origin: str, cached: bool) -> str:
@@ -102,9 +102,10 @@ def _signature(path: Path) -> list[int]:
     return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
 
 
-def record(path: Path, digest: str) -> None:
+def record(path: Path, digest: str, url: str | None = None) -> None:
+    """Note that ``path`` has the SHA-256 ``digest``; ``url``: this repository downloaded it from there."""
     records = _read_records()
-    records[str(path.resolve())] = {"stat": _signature(path), "sha256": digest}
+    records[str(path.resolve())] = {"stat": _signature(path), "sha256": digest, **({"url": url} if url else {})}
     _write_records(records)
 
 
@@ -140,12 +141,12 @@ def _write_records(records: dict) -> None:
 
 
 def from_urls(published: set[str]) -> list[Path]:
-    """Checkpoints that this repository cached from other URLs (weights=URL), not the ``published`` file
-    names: named with the URL's digest, or recorded as verified. Other files in torch.hub's shared cache
-    are not ours and are left alone."""
+    """Checkpoints that this repository downloaded from other URLs (weights=URL), not the ``published`` file
+    names: named with the URL's digest, or recorded as downloaded. Other files in torch.hub's shared cache
+    are not ours, even where a load verified them, and are left alone."""
     if not cache_dir().is_dir():
         return []
-    recorded = {Path(k).name for k in verified_records()}
+    recorded = {Path(k).name for k, v in _read_records().items() if v.get("url")}
     return sorted(p for p in cache_dir().iterdir() if p.is_file() and not p.name.startswith(".")
                   and p.name not in published and (URL_DIGEST.search(p.name) or p.name in recorded))
 

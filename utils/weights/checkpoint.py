@@ -98,7 +98,7 @@ def fetch(url: str, *, expected_hash: str | None = None, progress: bool = True, 
         finally:
             partial.unlink(missing_ok=True)
         if digest:
-            record(path, digest)  # under its final name: the next load does not hash it again
+            record(path, digest, url=url)  # under its final name: the next load does not hash it again
     return path
 
 
