@@ -258,7 +258,7 @@ def test_two_processes_under_torchrun(data, pretrained, tmp_path, capsys):
 
 def test_a_failing_process_takes_the_others_down(data, tmp_path):
     """A JPEG cut short passes the check before training (its header is whole) and fails in whichever
-    process's share it falls: that one says so, and the other stops at the same step, saying why, instead
+    process's share it falls: that one says so, once, and the other stops at the same step, silently, instead
     of failing inside a collective with Gloo's traceback."""
     train, val = data
     damaged = tmp_path / "train"
@@ -271,9 +271,9 @@ def test_a_failing_process_takes_the_others_down(data, tmp_path):
                              "--val", str(val), "--no-pretrained", *RECIPE],
                             cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                             timeout=300)
-    assert result.returncode != 0
-    assert result.stderr.count(f"error: {jpeg}: not a readable image") == 1, result.stderr[-3000:]
-    assert result.stderr.count("error: 1 other process(es) stopped, saying why above") == 1, result.stderr[-3000:]
+    assert result.returncode != 0  # torchrun's own status
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {jpeg}: not a readable image"), result.stderr[-3000:]
     assert "Connection closed by peer" not in result.stderr and "[rank" not in result.stderr, result.stderr[-3000:]
 
 

@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         device = pick_device(args.device, dtype="int8" if "int8" in args.dtype else "float32")
         dtypes = with_floats(args.dtype)
         peers = pick_peers(device) if args.peers or "int8" in dtypes else []
-        subjects = [Subject(e, WEIGHTS[e].arch.name, WEIGHTS[e].arch.gmacs, WEIGHTS[e].measured[0]) for e in entries]
+        subjects = [Subject(e, WEIGHTS[e].arch.name, WEIGHTS[e].measured[0]) for e in entries]
         rows = measure(subjects, lambda entry: create_model(entry, pretrained=False), args.batch_sizes, dtypes,
                        args.channels_last, args.compile, device, args.warmup, args.repeats, peers=peers,
                        img_size=args.img_size)

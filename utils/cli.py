@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -14,6 +15,7 @@ from models.factory import weights_description
 from models.registry import imagenet1k_classes, resize_size
 from utils.images.preprocess import Preprocess
 from utils.images.tensors import MIN_SIZE
+from utils.inference.distributed import give_up
 from utils.inference.hardware import check_native
 from utils.inference.optimize import BACKENDS, optimize_for_inference
 from utils.inference.optimize import DTYPE_NAMES as DTYPES
@@ -21,6 +23,14 @@ from utils.weights.checkpoint import URL_SCHEMES
 
 DEFAULT_ENTRY = "resnet50_swsl"
 
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse for the commands that run under torchrun: a bad option is said once, by the first
+    process, and no process exits before it is out (utils/inference/distributed.py)."""
+
+    def error(self, message: str):
+        sys.exit(give_up(2, f"{self.format_usage()}{self.prog}: error: {message}"))
 
 def add_model_arguments(parser: argparse.ArgumentParser, batch_size: int) -> None:
     add_entry_arguments(parser)

@@ -28,6 +28,7 @@ from models import WEIGHTS
 from utils.cli import (
     DTYPES,
     NO_PRETRAINED,
+    Parser,
     add_model_arguments,
     check_dtype,
     contradiction,
@@ -42,7 +43,7 @@ from utils.cli import (
 from utils.images.decode import IMAGE_SUFFIXES, ImageError
 from utils.images.preprocess import Preprocess
 from utils.inference.accuracy import count_correct
-from utils.inference.distributed import start
+from utils.inference.distributed import Stopped, check_together, give_up, start
 from utils.inference.optimize import optimize_for_inference
 from utils.weights import CheckpointError
 
@@ -92,7 +93,7 @@ def evenly(samples: list, limit: int | None) -> list:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m utils.evaluate", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="python -m utils.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("root", type=Path, metavar="DIR", help="one folder of images per class")
     parser.add_argument("--limit", type=positive, help="evaluate N images, spread evenly over the classes")
     parser.add_argument("--num-classes", type=positive, help="the model's own number of classes (with --weights)")
@@ -101,13 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return evaluate(args)
+    except Stopped as e:  # another process failed, and said why
+        return e.code
     except ImageError as e:
-        print(f"error: {e}; accuracy needs every image: remove or replace it",
-              file=sys.stderr)
-        return 1
+        return give_up(1, f"error: {e}; accuracy needs every image: remove or replace it")
     except (ValueError, FileNotFoundError, CheckpointError, ImportError) as e:
-        print(f"error: {in_command_terms(e)}", file=sys.stderr)
-        return 2
+        return give_up(2, f"error: {in_command_terms(e)}")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -132,21 +132,20 @@ def evaluate(args: argparse.Namespace) -> int:
         models = []
         preprocess = Preprocess.from_config(input_config(description or WEIGHTS[args.model].config(), args.img_size))
     else:
-        if world > 1 and rank != 0:
-            dist.barrier()  # rank 0 downloads the checkpoint first; the others then read it from the cache
-        try:
-            eager = eager_model(args.model, args.weights, device, num_classes=args.num_classes,
-                                pretrained=not args.no_pretrained, img_size=args.img_size)
-            model = optimize_for_inference(eager, backend=args.backend, dtype=DTYPES[args.dtype],
-                                           calibration=args.calibration)
-            # INT8 is reported beside float32 on the same images, both made from the one loaded model.
-            models = [model, optimize_for_inference(eager)] if args.dtype == "int8" else [model]
-            del eager
-        finally:
-            if world > 1 and rank == 0:
-                dist.barrier()  # also when loading failed: the others then fail with the same error, not hang
+        if not ctx.main:
+            check_together()  # the first process loads (and downloads) first; the others read the cache
+        eager = eager_model(args.model, args.weights, device, num_classes=args.num_classes,
+                            pretrained=not args.no_pretrained, img_size=args.img_size)
+        model = optimize_for_inference(eager, backend=args.backend, dtype=DTYPES[args.dtype],
+                                       calibration=args.calibration)
+        # INT8 is reported beside float32 on the same images, both made from the one loaded model.
+        models = [model, optimize_for_inference(eager)] if args.dtype == "int8" else [model]
+        del eager
         if model.pretrained_cfg["head"] != "pretrained" and not args.no_pretrained:
             raise ValueError(f"{args.weights} has no trained {num_classes}-class head to evaluate")
+        if ctx.main:
+            check_together()  # the others' turn
+        check_together()  # every process has its model
         preprocess = model.preprocess
 
     hits, images, seconds = count_correct(models, samples[rank::world], preprocess, batch_size=args.batch_size,

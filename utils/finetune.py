@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from models import WEIGHTS
 from utils.cli import (
+    Parser,
     add_weights_arguments,
     batch_size_value,
     count,
@@ -39,6 +40,7 @@ from utils.cli import (
 )
 from utils.images.decode import ImageError
 from utils.images.tensors import MIN_SIZE
+from utils.inference.distributed import Stopped, give_up
 from utils.training import FinetuneError
 from utils.training.augment import AUGMENTATIONS, CROP_FROM
 from utils.training.data import SMALL_IMAGE
@@ -51,7 +53,7 @@ MAX_SEED = 2**32 - 1  # seeds the shuffling as seed * 1_000_003 + epoch, within 
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m utils.finetune", description=__doc__.split("\n\n")[0],
+    parser = Parser(prog="python -m utils.finetune", description=__doc__.split("\n\n")[0],
                                      epilog="The entries: " + ", ".join(WEIGHTS))
     parser.add_argument("train", type=Path, metavar="TRAIN_DIR", help="one folder of images per class")
     parser.add_argument("--output", type=Path, metavar="OUT",
@@ -142,16 +144,16 @@ def main(argv: list[str] | None = None) -> int:
     parser, args = parse_args(argv)
     try:
         return run(args, pick_device(args.device))
+    except Stopped as e:  # another process failed, and said why
+        return e.code
     except ImageError as e:  # damage that the check before training cannot see, e.g. a truncated JPEG
-        print(f"error: {last_line(e)}; the run stops: remove or replace the image, then {resume_advice(args)}",
-              file=sys.stderr)
-        return 1
+        return give_up(1, f"error: {last_line(e)}; the run stops: remove or replace the image, then "
+                          f"{resume_advice(args)}")
     except KeyboardInterrupt:
         print(f"\ninterrupted: {resume_advice(args)}", file=sys.stderr)
         return 130
     except (FinetuneError, ValueError, FileNotFoundError, CheckpointError) as e:
-        print(f"error: {in_command_terms(e)}", file=sys.stderr)
-        return 2
+        return give_up(2, f"error: {in_command_terms(e)}")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from utils.images.dataset import ImageFiles, batches
 from utils.images.decode import ImageError
+from utils.inference.distributed import check_together
 
 
 def count_correct(models: list[nn.Module], shard: list[tuple[Path, int]], preprocess, *, batch_size: int,
@@ -49,13 +50,7 @@ def count_correct(models: list[nn.Module], shard: list[tuple[Path, int]], prepro
                 bar.update(len(indices))
         except ImageError as e:
             error = e
-    if world > 1:  # every process learns whether one met an unreadable image, so none waits for its counts
-        failed = torch.tensor([error is not None], dtype=torch.int64, device=device)
-        dist.all_reduce(failed)
-        if failed.item() and error is None:
-            error = ImageError(f"{failed.item()} other process(es) met an unreadable image, named in their error")
-    if error is not None:
-        raise error
+    check_together(error)  # every process learns whether one met an unreadable image, so none waits for its counts
     elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64, device=device)
     if world > 1:
         dist.all_reduce(counts)

@@ -17,6 +17,7 @@ import torch
 NATIVE_INSTRUCTIONS = {
     torch.bfloat16: ("avx512_bf16", "amx_bf16", "bf16"),
     torch.float16: ("avx512_fp16", "amx_fp16", "fphp"),
+    torch.int8: ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp"),  # 8-bit dot products
 }
 
 

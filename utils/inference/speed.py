@@ -10,9 +10,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from utils.inference import backends, quantize
+from utils.inference.hardware import cpu_has_native
 from utils.inference.optimize import DTYPE_NAMES as DTYPES
 from utils.inference.optimize import optimize_for_inference
 from utils.inference.timing import gemm_gflops, matmul_functions, relative_error, time_interleaved
@@ -23,10 +25,9 @@ PEERS = tuple(backends.PEERS)
 
 @dataclass
 class Subject:
-    """What is measured: an entry, its architecture, its multiply-accumulates per image (GMACs) and its top-1."""
+    """What is measured: an entry, its architecture and its top-1."""
     entry: str
     arch: str
-    gmacs: float
     top1: float
 
 
@@ -42,9 +43,9 @@ class Row:
     ms_per_batch: float  # median
     spread_pct: float  # (slowest - fastest) / median, over the repeats
     images_per_second: float
-    gflops: float
-    ceiling_gflops: float  # dense matrix multiply in the same dtype, same run
-    ceiling_pct: float
+    gflops: float  # from the multiply-accumulates at the size measured
+    ceiling_gflops: float | None  # dense matrix multiply in the same dtype, same run; None where it is no
+    ceiling_pct: float | None  # ceiling (INT8 on a CPU without 8-bit dot products)
     speedup: float  # over plain eager float32, same model and batch size
     vs_fastest_peer: float | None  # speed over the fastest of ONNX Runtime and OpenVINO in the same dtype
     # (for int8: in any float dtype measured)
@@ -90,8 +91,9 @@ def measure(subjects: list[Subject], make_model: Callable[[str], nn.Module], bat
     architecture, once per architecture; every variant runs in the same rounds as the others and as the
     matrix multiplies that give the ceiling."""
     # The matrix multiplies run in the same rounds as the models, so that they see the same machine.
-    matmuls = {f"{path} {name}": f for name in dict.fromkeys(["float32", *dtypes])
+    matmuls = {f"{path} {name}": f for name in ceiling_dtypes(dtypes, device)
                for path, f in matmul_functions(device, DTYPES[name]).items()}
+    gmacs = {}
     runs = variants(dtypes, compile, list(peers))
     timed: dict[tuple[str, int], dict[tuple, list[float]]] = {}
     errors: dict[tuple[str, int], dict[tuple, float]] = {}
@@ -102,6 +104,7 @@ def measure(subjects: list[Subject], make_model: Callable[[str], nn.Module], bat
         if compile:
             torch.compiler.reset()  # or, after 8 models, torch.compile would quietly fall back to eager
         eager = make_model(entry).to(device)
+        gmacs[arch] = count_gmacs(eager, img_size, device)
         bar.set_postfix_str(f"{entry}: preparing")
         models = {v: build(eager, *v, channels_last, img_size) for v in runs}
         for batch_size in batch_sizes:
@@ -121,8 +124,8 @@ def measure(subjects: list[Subject], make_model: Callable[[str], nn.Module], bat
     for subject in subjects:
         for batch_size in batch_sizes:
             times = timed[subject.arch, batch_size]
-            ceilings = {d: max(gemm_gflops(device, statistics.median(times[f"{path} {d}"]))
-                                for path in ("mm", "conv") if f"{path} {d}" in times)
+            ceilings = {d: max((gemm_gflops(device, statistics.median(times[f"{path} {d}"]))
+                                for path in ("mm", "conv") if f"{path} {d}" in times), default=None)
                         for d in ("float32", *dtypes)}
             baseline = statistics.median(times[runs[0]])
             fastest_peer = {d: min(statistics.median(times[v]) for v in runs if v[0] in PEERS and v[1] == d)
@@ -133,17 +136,32 @@ def measure(subjects: list[Subject], make_model: Callable[[str], nn.Module], bat
             for variant, dtype, compiled in runs:
                 seconds = statistics.median(times[variant, dtype, compiled])
                 spread = max(times[variant, dtype, compiled]) - min(times[variant, dtype, compiled])
-                gflops = 2 * subject.gmacs * batch_size / seconds
+                gflops = 2 * gmacs[subject.arch] * batch_size / seconds
+                ceiling = ceilings[dtype]
                 peer = fastest_peer.get(dtype)
                 rows.append(Row(subject.entry, subject.arch, batch_size, variant, dtype,
                                 channels_last and variant in ("optimized", "auto"), compiled,
                                 ms_per_batch=seconds * 1e3, spread_pct=spread / seconds * 100,
                                 images_per_second=batch_size / seconds, gflops=gflops,
-                                ceiling_gflops=ceilings[dtype], ceiling_pct=gflops / ceilings[dtype] * 100,
+                                ceiling_gflops=ceiling, ceiling_pct=None if ceiling is None else gflops / ceiling * 100,
                                 speedup=baseline / seconds, vs_fastest_peer=None if peer is None else peer / seconds,
                                 max_error=errors[subject.arch, batch_size][variant, dtype, compiled],
                                 top1=subject.top1))
     return rows
+
+
+def ceiling_dtypes(dtypes: list[str], device: torch.device) -> list[str]:
+    """The precisions whose matrix multiply is a ceiling to measure: INT8's only on a CPU with 8-bit dot
+    products (VNNI), since elsewhere torch's integer GEMM runs far below what the INT8 runtimes reach."""
+    return [d for d in dict.fromkeys(["float32", *dtypes])
+            if d != "int8" or (device.type == "cpu" and cpu_has_native(torch.int8))]
+
+
+def count_gmacs(model: nn.Module, img_size: int, device: torch.device) -> float:
+    """Multiply-accumulates of one ``img_size`` image in billions, counted as the registry's are (at 224)."""
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, 3, img_size, img_size, device=device))
+    return counter.get_total_flops() / 2e9
 
 
 def markdown(rows: list[Row]) -> str:
@@ -163,7 +181,8 @@ def markdown(rows: list[Row]) -> str:
         shown.add(key)
         lines.append(f"| {', '.join(entries[key])} | {r.batch_size} | {r.label} | {r.ms_per_batch:.1f} "
                      f"(±{r.spread_pct / 2:.0f}%) | {r.images_per_second:.1f} | {r.gflops:.0f} | "
-                     f"{r.ceiling_pct:.0f}% of {r.ceiling_gflops:.0f} | {r.speedup:.2f}x | "
+                     + ("n/a" if r.ceiling_gflops is None else f"{r.ceiling_pct:.0f}% of {r.ceiling_gflops:.0f}")
+                     + f" | {r.speedup:.2f}x | "
                      + ("" if r.vs_fastest_peer is None else f"{r.vs_fastest_peer:.2f}x") + f" | {r.max_error:.0e} |")
     return "\n".join(lines)
 

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from models import create_model
 from utils.images.decode import ImageError
+from utils.inference.distributed import check_together
 from utils.training import FinetuneError
 from utils.training.data import Images
 
@@ -61,19 +62,6 @@ def make_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_ste
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def stop_together(ctx, failure: Exception | None = None) -> None:
-    """Raise ``failure``, and in the other processes, at the same point, an error that says so: under
-    torchrun every process calls this at the same points, so none is left waiting in a collective for one
-    that has stopped. Without torchrun it raises ``failure``, if any."""
-    if ctx.world > 1:
-        failed = torch.tensor([failure is not None], dtype=torch.int32, device=ctx.device)
-        dist.all_reduce(failed)
-        if failure is None and failed.item():
-            failure = FinetuneError(f"{failed.item()} other process(es) stopped, saying why above: this one stops too")
-    if failure is not None:
-        raise failure
-
-
 def train_epoch(model, loader, optimizer, schedule, loss_fn, scaler, amp, ctx, epoch, args) -> tuple[float, int]:
     model.train()
     if args.freeze_backbone:  # a linear probe: the backbone's BatchNorm statistics stay as pretrained
@@ -88,12 +76,12 @@ def train_epoch(model, loader, optimizer, schedule, loss_fn, scaler, amp, ctx, e
             images, labels = next(batches)
         except ImageError as e:  # damage the check before training could not see, in this process's share
             failure = e
-        stop_together(ctx, failure)
+        check_together(failure)
         images = images.to(ctx.device, non_blocking=True, memory_format=torch.channels_last)
         labels = labels.to(ctx.device, non_blocking=True)
         with torch.autocast(ctx.device.type, dtype=amp, enabled=amp is not None):
             loss = loss_fn(model(images), labels)
-        stop_together(ctx, None if torch.isfinite(loss) else FinetuneError(
+        check_together(None if torch.isfinite(loss) else FinetuneError(
             f"the loss became {loss.item()} in epoch {epoch}: lower --lr"))
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -129,7 +117,7 @@ def validate(model, samples, preprocess, args, ctx, num_classes: int) -> tuple[f
             sums += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), loss, torch.tensor(len(labels))]).to(sums)
     except ImageError as e:
         failure = e
-    stop_together(ctx, failure)
+    check_together(failure)
     if ctx.world > 1:
         dist.all_reduce(sums)
     top1, top5, loss, n = sums.tolist()
