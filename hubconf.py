@@ -16,7 +16,7 @@ dependencies = ["torch"]
 _PACKAGES = ("models", "utils")  # this checkout's top-level packages, as its own modules import them
 
 
-def _models():
+def _package() -> str:
     # torch.hub runs every repository's hubconf in one sys.modules, and other hub repositories and
     # users' scripts have top-level `models` and `utils` too. So this checkout's packages are
     # imported under a package name of their own, which nothing else can take or be taken by.
@@ -30,7 +30,15 @@ def _models():
         spec.submodule_search_locations.append(str(hubconf.parent))
         _sys.meta_path.insert(0, _CheckoutFinder(name))
         _sys.modules[name] = _importlib_util.module_from_spec(spec)
-    return _importlib.import_module(name + ".models")
+    return name
+
+
+def _class(module: str, qualname: str) -> type:
+    """A class of this checkout, for what was pickled in another process (utils/pickling.py)."""
+    found = _importlib.import_module(f"{_PACKAGE}.{module}")
+    for name in qualname.split("."):
+        found = getattr(found, name)
+    return found
 
 
 class _CheckoutFinder:
@@ -77,7 +85,8 @@ class _CheckoutLoader(_machinery.SourceFileLoader):
                 _gc.enable()
 
 
-_entry = _models().entry
+_PACKAGE = _package()
+_entry = _importlib.import_module(_PACKAGE + ".models").entry
 
 resnet18_ssl = _entry("resnet18_ssl")
 resnet50_ssl = _entry("resnet50_ssl")

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from utils.images.tensors import check_input
+from utils.pickling import Portable
 
 NormLayer = Callable[[int], nn.Module]
 
@@ -26,7 +27,7 @@ def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False)
 
 
-class BasicBlock(nn.Module):
+class BasicBlock(nn.Module, metaclass=Portable):
     expansion = 1
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
@@ -54,7 +55,7 @@ class BasicBlock(nn.Module):
         return self.relu(out)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(nn.Module, metaclass=Portable):
     expansion = 4
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
@@ -84,7 +85,7 @@ class Bottleneck(nn.Module):
 BLOCKS: dict[str, type[BasicBlock] | type[Bottleneck]] = {"basic": BasicBlock, "bottleneck": Bottleneck}
 
 
-class ResNet(nn.Module):
+class ResNet(nn.Module, metaclass=Portable):
     """torchvision's ResNet: ``ResNet(block, layers, num_classes=1000, zero_init_residual=False,
     groups=1, width_per_group=64, replace_stride_with_dilation=None, norm_layer=None)``.
 

@@ -11,12 +11,14 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from utils.pickling import Portable
+
 # Beyond this aspect ratio (a 1x5000 strip, say) resizing the whole image would allocate gigabytes:
 # only the crop is resampled then, which can differ from resize-then-crop by one grey level.
 MAX_ASPECT = 64
 
 
-class Preprocess:
+class Preprocess(metaclass=Portable):
     """Image -> normalised float tensor of shape (3, crop_size, crop_size).
 
     The image may be a file path, a PIL image, an HxWx3 uint8 NumPy array or a CHW uint8 or float

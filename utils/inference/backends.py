@@ -214,6 +214,12 @@ class InferenceOnly(nn.Module):
                                "train or fine-tune the original model, then optimise it again")
         return super().train(False)
 
+    def __reduce_ex__(self, protocol):
+        raise TypeError("an optimised model cannot be pickled or saved whole: its kernels and runtimes live in "
+                        "this process. Pass the original model (or its state_dict) to the other process and call "
+                        "optimize_for_inference there, or save a file: torch.jit.save, torch.export.save or "
+                        "python -m utils.export")
+
 
 _CPU_FLOAT32 = torch.empty(0)
 

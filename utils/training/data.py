@@ -13,6 +13,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from models.finetuned import class_name_ok
 from utils.images.decode import IMAGE_SUFFIXES
 from utils.training import FinetuneError
 
@@ -29,6 +30,10 @@ def class_folders(root: Path, what: str) -> tuple[list[str], list[tuple[Path, in
     folders = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not folders:
         raise FinetuneError(f"{what} {root} has no class folders: lay the images out as {root}/<class name>/<image>")
+    bad = [d.name for d in folders if not class_name_ok(d.name)]
+    if bad:  # its name would break classes.txt and the commands' output lines
+        raise FinetuneError(f"{what} {root}: the class folder {bad[0]!r} has control characters or surrounding "
+                            "spaces in its name: rename it")
     samples, empty = [], []
     for label, folder in enumerate(tqdm(folders, desc=f"scanning {root}", unit="class", delay=1, file=sys.stderr,
                                         leave=False)):

@@ -210,12 +210,11 @@ def load_checkpoint(path: Path, origin: str | None = None) -> tuple[dict[str, Te
 
 
 def read_description(path: Path) -> object:
-    """What a checkpoint says of itself under "pretrained_cfg" (None if nothing), without reading its
-    tensors: they are memory-mapped and released at once. Only the zip format can say anything."""
+    """What a checkpoint says of itself under "pretrained_cfg" (None if nothing). A zip file's tensors are
+    memory-mapped and released at once, unread; a legacy file is read whole, as it cannot be mapped."""
     try:
-        if not check_format(path, str(path)):
-            return None
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        is_zip = check_format(path, str(path))
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except Exception:  # noqa: BLE001  (loading proper reports what is wrong with the file)
         return None
     return obj.get(DESCRIPTION) if isinstance(obj, dict) else None

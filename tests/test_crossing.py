@@ -1,0 +1,112 @@
+"""A model loaded through torch.hub crosses into other processes: torch.save of the whole module read back
+in a new process, multiprocessing's "spawn" (macOS's and Windows' default), and DataLoader workers that
+call model.preprocess. Real processes, each of which has never imported the checkout."""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .conftest import REPO
+
+KINDS = {"classifier": {}, "pooled": {"num_classes": 0}, "feature maps": {"features_only": True}}
+SAMPLE = REPO.parent / "shared" / "images"
+
+
+def hub_model(checkout=REPO, **kwargs):
+    torch.manual_seed(0)
+    return torch.hub.load(str(checkout), "resnet18_ssl", source="local", pretrained=False, **kwargs).eval()
+
+
+def outputs(model, x):
+    with torch.inference_mode():
+        out = model(x)
+    return list(out) if isinstance(out, (list, tuple)) else [out]
+
+
+def load_in_new_process(path, x_path, out_path, cwd):
+    """torch.load of the whole model in a fresh interpreter, which runs it on the saved input."""
+    code = ("import sys, torch; m = torch.load(sys.argv[1], weights_only=False); x = torch.load(sys.argv[2]); "
+            "out = m(x); torch.save([out] if torch.is_tensor(out) else list(out), sys.argv[3]); "
+            "print(type(m).__name__, m.pretrained_cfg['entry'], type(m.preprocess).__name__)")
+    return subprocess.run([sys.executable, "-c", code, str(path), str(x_path), str(out_path)], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_whole_model_saved_with_torch_save_loads_in_a_new_process(tmp_path, kind):
+    model = hub_model(**KINDS[kind])
+    assert type(model).__module__.startswith("_semi_supervised_hub_")  # the private package of hubconf.py
+    x = torch.randn(2, 3, 64, 64)
+    torch.save(model, tmp_path / "model.pt")
+    torch.save(x, tmp_path / "x.pt")
+    done = load_in_new_process(tmp_path / "model.pt", tmp_path / "x.pt", tmp_path / "out.pt", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == [type(model).__name__, "resnet18_ssl", "Preprocess"]
+    got = torch.load(tmp_path / "out.pt")
+    assert all(torch.equal(g, e) for g, e in zip(got, outputs(model, x), strict=True))
+
+
+def test_a_checkout_whose_hubconf_changed_still_loads_what_it_saved(tmp_path):
+    """The private package's name changes with hubconf.py's time (a git pull, a copy): the pickle finds
+    its classes through torch.hub.load of the checkout, not by that name."""
+    checkout = tmp_path / "checkout"
+    shutil.copytree(REPO, checkout, ignore=shutil.ignore_patterns(".git", ".venv", "__pycache__", "tests"))
+    model = hub_model(checkout)
+    torch.save(model, tmp_path / "model.pt")
+    torch.save(x := torch.randn(1, 3, 64, 64), tmp_path / "x.pt")
+    stat = (checkout / "hubconf.py").stat()
+    os.utime(checkout / "hubconf.py", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    done = load_in_new_process(tmp_path / "model.pt", tmp_path / "x.pt", tmp_path / "out.pt", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert torch.equal(torch.load(tmp_path / "out.pt")[0], outputs(model, x)[0])
+
+
+def run_in_child(model, x, path):
+    torch.save(outputs(model, x), path)  # a file: tensors sent through a queue die with the child
+
+
+@pytest.mark.parametrize("kind", ["classifier", "feature maps"])
+def test_a_model_passed_to_a_spawned_process_runs_there(tmp_path, kind):
+    model, x = hub_model(**KINDS[kind]), torch.randn(1, 3, 64, 64)
+    child = multiprocessing.get_context("spawn").Process(target=run_in_child, args=(model, x, tmp_path / "out.pt"))
+    child.start()
+    child.join(timeout=120)
+    assert child.exitcode == 0
+    got = torch.load(tmp_path / "out.pt")
+    assert all(torch.equal(g, e) for g, e in zip(got, outputs(model, x), strict=True))
+
+
+class Photos(Dataset):
+    def __init__(self, preprocess, paths):
+        self.preprocess, self.paths = preprocess, paths
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return self.preprocess(self.paths[i])
+
+
+def test_dataloader_workers_under_spawn_call_the_models_preprocess():
+    model = hub_model()
+    paths = sorted(str(p) for p in SAMPLE.iterdir() if p.suffix in (".jpg", ".png"))
+    loader = DataLoader(Photos(model.preprocess, paths), batch_size=len(paths), num_workers=1,
+                        multiprocessing_context="spawn")
+    (batch,) = list(loader)
+    assert torch.equal(batch, torch.stack([model.preprocess(p) for p in paths]))
+
+
+def test_an_optimised_model_says_in_one_line_how_to_cross_instead(tmp_path):
+    fast = hub_model().optimize_for_inference()
+    for cross in (pickle.dumps, lambda m: torch.save(m, tmp_path / "fast.pt")):
+        with pytest.raises(TypeError, match=r"^an optimised model cannot be pickled or saved whole: .*"
+                                            r"call optimize_for_inference there, or save a file"):
+            cross(fast)
