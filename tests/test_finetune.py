@@ -704,3 +704,60 @@ def test_splitting_reads_the_samples_once_however_many_classes():
     samples = Counted((f"/d/{c}/{i}.png", c) for c in range(300) for i in range(4))
     train, val = training_data.split(samples, 0.25, seed=0)
     assert Counted.passes == 1 and len(val) == 300 and len(train) == 900
+
+
+def test_a_run_that_stopped_in_its_first_epoch_leaves_the_folder_to_the_same_command(data, tmp_path, capsys,
+                                                                                  monkeypatch):
+    train, val = data
+    out = tmp_path / "out"
+    command = [train, "--output", out, "--val", val, "--no-pretrained", *RECIPE]
+    real = run.train_epoch
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run, "train_epoch", interrupted)  # Ctrl-C during epoch 1
+    assert finetune_main(*command) == 130
+    assert "no epoch had finished: start again" in capsys.readouterr().err and (out / "classes.txt").exists()
+    monkeypatch.setattr(run, "train_epoch", real)
+    assert finetune_main(*command) == 0  # the same command: classes.txt alone is no run
+    assert [r["epoch"] for r in metrics(out)] == [1, 2, 3]
+
+
+def test_batch_size_1_is_refused_before_the_work_naming_the_option(data, tmp_path, capsys, monkeypatch):
+    train, val = data
+    recipe = [*RECIPE]
+    recipe[recipe.index("--batch-size") + 1] = "1"
+    monkeypatch.setattr(run, "build_model", lambda *a: pytest.fail("the model was built"))
+    with pytest.raises(SystemExit) as exit_:
+        finetune_main(train, "--output", tmp_path / "out", "--val", val, "--no-pretrained", *recipe)
+    assert exit_.value.code == 2 and "--batch-size 1: training needs at least 2 images a batch" in \
+        capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["a\nb", " grass", "grass ", "tab\there"])
+def test_class_folders_whose_names_would_break_the_outputs_are_refused(data, tmp_path, capsys, name):
+    train, val = data
+    odd = tmp_path / "train"
+    shutil.copytree(train, odd)
+    (odd / CLASSES[0]).rename(odd / name)
+    assert finetune_main(odd, "--output", tmp_path / "out", "--no-pretrained", *RECIPE) == 2
+    err = capsys.readouterr().err
+    assert f"the class folder {name!r} has control characters or surrounding spaces" in err, err
+
+
+def test_resuming_after_best_pth_was_removed_says_no_file_holds_the_best_epoch(data, tmp_path, capsys):
+    train, val = data
+    out = tmp_path / "out"
+    recipe = [*RECIPE]
+    recipe[recipe.index("--epochs") + 1] = "2"
+    assert finetune_main(train, "--output", out, "--val", val, "--no-pretrained", *recipe, "--stop-after", "1") == 0
+    (out / "best.pth").unlink()
+    state = torch.load(out / "last.pth", weights_only=True)
+    torch.save({**state, "best_top1": 101.0}, out / "last.pth")  # so that epoch 2 cannot beat epoch 1
+    capsys.readouterr()
+    assert finetune_main(train, "--resume", out / "last.pth") == 0
+    last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last_line.endswith(f"(epoch 1): no file holds it, as {out / 'best.pth'} is gone; {out / 'last.pth'} "
+                              "holds epoch 2"), last_line
+    assert not (out / "best.pth").exists()

@@ -173,6 +173,11 @@ def test_calibration_from_a_folder_and_from_paths_is_preprocessed_by_the_model(t
     (torch.zeros(4, 3, 64, 64, dtype=torch.uint8), ValueError, "got torch.uint8"),
     (torch.full((4, 3, 64, 64), math.inf), ValueError, "NaN or infinite values"),
     ([1, 2], TypeError, "expected a folder, image paths or a preprocessed tensor, got int"),
+    (b"images", TypeError, "expected a folder, image paths or a preprocessed tensor, got bytes"),
+    ([], ValueError, "got no images"),
+    ("", ValueError, r"calibration: '': an empty path"),
+    (torch.zeros(4, 3, 16, 16), ValueError, "images of 16x16 pixels; the network takes 32 and up"),
+    (torch.zeros(4, 3, 64, 1), ValueError, "images of 64x1 pixels"),
 ])
 def test_bad_calibration_is_refused_with_what_to_pass(calibration, error, match):
     with pytest.raises(error, match=match):

@@ -488,6 +488,10 @@ def test_classify_in_int8_answers_as_the_int8_model(model_and_weights, capsys):
     (["--calibration", "x.png"], "error: --calibration is for --dtype int8, not float32: leave it out"),
     (["--dtype", "int8", "--calibration", "nowhere"], "error: calibration: nowhere: no such file or directory"),
     (["--dtype", "int8", "--calibration", "x", "--device", "cuda"], "int8 runs on the CPU here"),  # on a GPU machine
+    (["--dtype", "int8", "--calibration", ""], "error: calibration: '': an empty path (an unset shell variable?)"),
+    (["--dtype", "int8", "--calibration", str(SAMPLES), "--backend", "torch"],
+     "error: --dtype int8 runs in OpenVINO or ONNX Runtime: leave --backend out for the faster one installed, or "
+     "use --backend openvino, onnxruntime or auto"),
 ])
 def test_int8_options_are_checked_in_the_commands_terms(model_and_weights, val_dir, capsys, args, message):
     if "cuda" in args and not torch.cuda.is_available():
@@ -500,3 +504,25 @@ def test_int8_options_are_checked_in_the_commands_terms(model_and_weights, val_d
             status = e.code
         err = capsys.readouterr().err
         assert status == 2 and message in err and "Traceback" not in err, err
+        assert "backend=" not in err and "dtype=" not in err, err  # the options' names, not Python's
+
+
+def test_an_empty_path_is_refused_not_taken_for_the_current_folder(model_and_weights, tmp_path, capsys,
+                                                                   monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    noise(64, 64, seed=0).save(tmp_path / "here.png")  # what searching the current folder would find
+    status, out, err = run_classify(capsys, "", "--weights", model_and_weights[1])
+    # Named as any path that names no image is (exit 1), never searched as the current folder.
+    assert status == 1 and "an empty path (an unset shell variable?)" in err and "here.png" not in out, err
+
+
+def test_evaluate_leaves_hidden_folders_out_as_fine_tuning_does(model_and_weights, val_dir, tmp_path, capsys):
+    root = tmp_path / "val"
+    shutil.copytree(val_dir, root)
+    hidden = root / ".ipynb_checkpoints"
+    hidden.mkdir()
+    noise(64, 64, seed=1).save(hidden / "x.JPEG")
+    status, with_hidden, _ = run_evaluate(capsys, str(root), "--weights", model_and_weights[1])
+    _, without, _ = run_evaluate(capsys, str(val_dir), "--weights", model_and_weights[1])
+    assert status == 0 and (with_hidden["images"], with_hidden["top1_correct"]) == (without["images"],
+                                                                                     without["top1_correct"])

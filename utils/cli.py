@@ -194,7 +194,11 @@ def pick_device(name: str, backend: str | None = "torch", dtype: str = "float32"
 def in_command_terms(error: Exception) -> str:
     """An error of the Python API as the commands say it: ``weights='x.pth'`` is ``--weights x.pth``."""
     message = re.sub(r"\bweights=(?:'([^']*)'|(<[^>]*>))", lambda m: f"--weights {m[1] or m[2]}", str(error))
-    return re.sub(r"num_classes=(\d+) \(--num-classes \d+ on the command line\)", r"--num-classes \1", message)
+    message = re.sub(r"num_classes=(\d+) \(--num-classes \d+ on the command line\)", r"--num-classes \1", message)
+    message = message.replace("use backend=None for the faster one installed, 'openvino', 'onnxruntime' or 'auto'",
+                              "leave --backend out for the faster one installed, or use --backend openvino, "
+                              "onnxruntime or auto")
+    return re.sub(r"backend='(\w+)'", r"--backend \1", message).replace("dtype='int8'", "--dtype int8")
 
 
 def check_dtype(args: argparse.Namespace, device: torch.device) -> None:

@@ -118,6 +118,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
     args.given = {name for name in RECIPE if getattr(given, name) is not unset}
     if args.output is None and args.resume is None:
         parser.error("the following arguments are required: --output (or --resume OUT/last.pth)")
+    if args.batch_size < 2 and not args.freeze_backbone:
+        parser.error("--batch-size 1: training needs at least 2 images a batch, as BatchNorm normalises over the "
+                     "batch; use --batch-size 2 or more (or --freeze-backbone, which keeps BatchNorm as it is)")
     if args.seed > MAX_SEED:
         parser.error(f"--seed: must be at most {MAX_SEED}, got {args.seed}")
     if not 0 <= args.label_smoothing < 1:

@@ -15,7 +15,9 @@ def find_images(patterns: list[str]) -> tuple[list[Path], list[tuple[str, str]]]
     found, problems = [], []
     for pattern in patterns:
         path = Path(pattern)
-        if path.is_dir():
+        if not pattern.strip():  # Path("") is the current folder, which would be searched to any depth
+            problems.append((repr(pattern), "an empty path (an unset shell variable?): name a file or folder"))
+        elif path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
             found += files
             if not files:
@@ -32,6 +34,12 @@ def find_images(patterns: list[str]) -> tuple[list[Path], list[tuple[str, str]]]
         else:
             problems.append((pattern, "no such file or directory"))
     return list(dict.fromkeys(found)), problems  # each file once, in first-named order
+
+
+def class_folders(root: Path) -> list[Path]:
+    """The class folders of an ImageFolder layout, sorted: ``root``'s folders, less hidden ones
+    (``.ipynb_checkpoints``, ``.git``), as evaluation and fine-tuning both read them."""
+    return sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
 def glob_files(pattern: str) -> list[Path]:

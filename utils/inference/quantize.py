@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from utils.images.files import find_images
+from utils.images.tensors import MIN_SIZE
 
 INT8 = torch.int8  # the dtype that stands for "quantized to INT8" in optimize_for_inference
 RUNTIMES = {"openvino": ("openvino", "nncf"), "onnxruntime": ("onnxruntime", "onnx")}  # the packages each needs
@@ -76,6 +77,9 @@ def calibration_images(calibration, model: nn.Module) -> Tensor:
                              f"{calibration.dtype} of shape {tuple(calibration.shape)}")
         images = calibration.detach().to("cpu", torch.float32)
         images = images[_evenly(len(images))]
+    elif isinstance(calibration, (bytes, bytearray)):
+        raise TypeError(f"calibration: expected a folder, image paths or a preprocessed tensor, got "
+                        f"{type(calibration).__name__}")
     else:
         names = [calibration] if isinstance(calibration, (str, os.PathLike)) else list(calibration)
         if not all(isinstance(n, (str, os.PathLike)) for n in names):
@@ -88,9 +92,14 @@ def calibration_images(calibration, model: nn.Module) -> Tensor:
         if preprocess is None:
             raise ValueError("calibration: this model has no preprocess to read image files with: "
                              "pass a preprocessed (N, 3, H, W) tensor")
+        if not paths:
+            raise ValueError(MISSING.replace("needs", "got no images for"))
         images = torch.stack([preprocess(paths[i]) for i in _evenly(len(paths))])  # ImageError names a bad file
     if len(images) == 0:
         raise ValueError(MISSING.replace("needs", "got no images for"))
+    if min(images.shape[2:]) < MIN_SIZE:
+        raise ValueError(f"calibration: images of {images.shape[2]}x{images.shape[3]} pixels; the network takes "
+                         f"{MIN_SIZE} and up: give images of the size the model will see")
     if not torch.isfinite(images).all():
         raise ValueError("calibration: the images hold NaN or infinite values, which have no INT8 range")
     return images

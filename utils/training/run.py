@@ -177,7 +177,8 @@ def train_and_save(args, state, classes, train, val, ctx: Context, steps: int, f
         best_file = args.output / "best.pth"
         where = (f"{best_file} (torch.hub.load(..., {args.model!r}, weights={str(best_file)!r}) or --weights "
                  f"{best_file} for the other commands)" if best_file.exists() else
-                 f"{args.resume} (no best.pth was written in this folder)")  # best epoch before the folder's run
+                 f"no file holds it, as {best_file} is gone; {args.output / 'last.pth'} holds epoch "
+                 f"{history[-1]['epoch']}")
         print(f"best val top-1 {best:.1f}% (epoch {best_epoch}): {where}")
     return 0
 

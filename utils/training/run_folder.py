@@ -29,9 +29,14 @@ class RunFolderError(ValueError):
     """The output folder cannot take this run; the message names it and what to do."""
 
 
+# What a run writes once an epoch has finished: a folder without them holds no run (one that stopped in
+# its first epoch, or failed at its start, left at most classes.txt), and the next run may take it.
+EPOCH_FILES = ("last.pth", "best.pth", "metrics.jsonl")
+
+
 def run_files(folder: Path) -> list[str]:
-    """The files of a run that ``folder`` holds."""
-    return [name for name in RUN_FILES if (folder / name).exists()]
+    """The files of a run that finished an epoch that ``folder`` holds."""
+    return [name for name in EPOCH_FILES if (folder / name).exists()]
 
 
 def free_space(folder: Path) -> str:
