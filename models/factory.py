@@ -62,10 +62,11 @@ def create_model(entry: str, *, pretrained: bool = True, progress: bool = True,
     if pretrained:
         # A head of the asked-for size in the checkpoint (a fine-tuned file) is loaded; otherwise a new one is made.
         fc = state_dict.get("fc.weight")
-        if description is not None and not features_only and num_classes and (fc is None or fc.shape[0] != num_classes):
+        named = description and description["num_classes"]
+        if named and (fc is None or fc.shape[0] != named):  # a damaged file, whichever part of it is asked for
             rows = "no head (fc)" if fc is None else f"a head of {fc.shape[0]} rows"
             raise CheckpointError(f"{origin} contradicts itself: it holds {rows}, and its description names "
-                                  f"{num_classes} classes; save the model again with python -m utils.finetune")
+                                  f"{named} classes; save the model again with python -m utils.finetune")
         new_head = not features_only and num_classes != 1000 and (fc is None or fc.shape[0] != num_classes)
         head = None if head is None else "new" if new_head else "pretrained"
         skip = ("fc.",) if new_head or features_only else ()

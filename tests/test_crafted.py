@@ -1,8 +1,9 @@
 """Fine-tuned files that lie about themselves: every field of the schema through wrong types and
 out-of-range values, heads that contradict the description, and keys that are the loader's to set. Each
-must be refused in one line, by torch.hub and by every command, before any work."""
+must be refused in one line, by torch.hub and by every command that takes --weights, before any work."""
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -11,7 +12,7 @@ from PIL import Image
 
 from models import finetuned
 from models.registry import MEAN, STD
-from utils import classify, evaluate
+from utils import classify, evaluate, finetune
 from utils import export as export_command
 
 from .conftest import REPO
@@ -25,8 +26,13 @@ def good_description() -> dict:
                               {"recipe": {"epochs": 1}, "result": {"top1": 50.0}})
 
 
+@functools.cache
+def three_class_state() -> dict:
+    return trained_like("resnet18_ssl", num_classes=3).state_dict()
+
+
 def save(path, description, state_dict=None, legacy=False):
-    state_dict = trained_like("resnet18_ssl", num_classes=3).state_dict() if state_dict is None else state_dict
+    state_dict = three_class_state() if state_dict is None else state_dict
     torch.save({"model": state_dict, finetuned.KEY: description}, path, _use_new_zipfile_serialization=not legacy)
     return path
 
@@ -84,13 +90,17 @@ def refused_everywhere(path, word, images, capsys):
     assert type(error.value).__name__ in ("ValueError", "CheckpointError"), error.value
     assert word in str(error.value) and "\n" not in str(error.value), error.value
     capsys.readouterr()
-    for main, args in ((classify.main, [str(images / "cat" / "a.png")]), (evaluate.main, [str(images)]),
-                       (export_command.main, [str(path.with_name("out.onnx"))])):
-        assert main([*args, "--weights", str(path), "--device", "cpu"] if main is not export_command.main
-                    else [*args, "--weights", str(path)]) == 2
+    out = path.with_name("out")
+    for main, args in ((classify.main, [str(images / "cat" / "a.png"), "--device", "cpu"]),
+                       (evaluate.main, [str(images), "--device", "cpu"]),
+                       (export_command.main, [str(out) + ".onnx"]),
+                       (finetune.main, [str(images), "--val", str(images), "--output", str(out), "--model",
+                                        "resnet18_ssl", "--epochs", "1", "--img-size", "64", "--batch-size", "2",
+                                        "--workers", "0", "--device", "cpu"])):
+        assert main([*args, "--weights", str(path)]) == 2, main
         line = one_line(capsys.readouterr().err)
         assert line.startswith("error: ") and word in line, line
-    assert not path.with_name("out.onnx").exists()
+    assert not path.with_name("out.onnx").exists() and not (out / "best.pth").exists()
 
 
 @pytest.mark.parametrize("field, value, word", CASES)

@@ -422,7 +422,7 @@ def test_a_plain_state_dict_still_loads_with_its_size_given_and_a_new_head_has_n
 
 def test_a_damaged_description_is_named(trained, tmp_path):
     state = torch.load(trained / "best.pth", weights_only=True)
-    for damage, message in [({"entry": "resnet19"}, "unknown entry 'resnet19'"),
+    for damage, message in [({"entry": "resnet19"}, "entry 'resnet19': not one of the twelve entries"),
                             ({"classes": ["a"]}, "classes is not a list of 3 names"),
                             ({"input_size": (3, 64, 32)}, "input_size")]:
         torch.save({**state, "pretrained_cfg": {**state["pretrained_cfg"], **damage}}, tmp_path / "x.pth")

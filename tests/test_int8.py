@@ -162,7 +162,7 @@ def test_calibration_from_a_folder_and_from_paths_is_preprocessed_by_the_model(t
     from_paths = quantize.calibration_images([str(f) for f in files], model)
     expected = torch.stack([model.preprocess(f) for f in sorted(files)])
     assert torch.equal(from_paths, expected) and torch.equal(from_folder, expected)
-    many = torch.randn(quantize.MAX_IMAGES * 2 + 1, 3, 8, 8)
+    many = torch.randn(quantize.MAX_IMAGES * 2 + 1, 3, 32, 32)
     assert len(quantize.calibration_images(many, model)) == quantize.MAX_IMAGES  # spread over all of them
 
 

@@ -69,7 +69,7 @@ def test_classify_with_another_backend_gives_the_same_answer(model_and_weights, 
 def test_classify_names_the_install_for_a_missing_backend(model_and_weights, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "openvino", None)  # as where it is not installed
     status, _, err = run_classify(capsys, str(SAMPLES), "--weights", model_and_weights[1], "--backend", "openvino")
-    assert status == 2 and "backend='openvino' needs the openvino package: pip install openvino" in err
+    assert status == 2 and "error: --backend openvino needs the openvino package: pip install openvino" in err
 
 
 def test_classify_reports_bad_files_and_classifies_the_rest(model_and_weights, capsys, tmp_path):
