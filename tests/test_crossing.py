@@ -12,7 +12,6 @@ import sys
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset
 
 from .conftest import REPO
 
@@ -84,6 +83,11 @@ def test_a_model_passed_to_a_spawned_process_runs_there(tmp_path, kind):
     assert all(torch.equal(g, e) for g, e in zip(got, outputs(model, x), strict=True))
 
 
+LOADER_SCRIPT = """
+import sys, torch
+from torch.utils.data import DataLoader, Dataset
+
+
 class Photos(Dataset):
     def __init__(self, preprocess, paths):
         self.preprocess, self.paths = preprocess, paths
@@ -95,13 +99,26 @@ class Photos(Dataset):
         return self.preprocess(self.paths[i])
 
 
-def test_dataloader_workers_under_spawn_call_the_models_preprocess():
-    model = hub_model()
-    paths = sorted(str(p) for p in SAMPLE.iterdir() if p.suffix in (".jpg", ".png"))
+if __name__ == "__main__":
+    checkout, paths = sys.argv[1], sys.argv[2:]
+    model = torch.hub.load(checkout, "resnet18_ssl", source="local", pretrained=False)
     loader = DataLoader(Photos(model.preprocess, paths), batch_size=len(paths), num_workers=1,
                         multiprocessing_context="spawn")
     (batch,) = list(loader)
     assert torch.equal(batch, torch.stack([model.preprocess(p) for p in paths]))
+    print("equal")
+"""
+
+
+def test_dataloader_workers_under_spawn_call_the_models_preprocess(tmp_path):
+    """In a process of its own: a DataLoader's spawned workers inherit the pipes that connect a pytest-xdist
+    worker to pytest, and end that worker when they exit."""
+    script = tmp_path / "loader.py"
+    script.write_text(LOADER_SCRIPT)
+    paths = sorted(str(p) for p in SAMPLE.iterdir() if p.suffix in (".jpg", ".png"))
+    done = subprocess.run([sys.executable, str(script), str(REPO), *paths], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=180)
+    assert done.returncode == 0 and done.stdout.strip() == "equal", done.stderr[-3000:]
 
 
 def test_an_optimised_model_says_in_one_line_how_to_cross_instead(tmp_path):
