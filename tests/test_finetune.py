@@ -609,12 +609,19 @@ def test_an_output_inside_the_data_is_refused(where, data, tmp_path, capsys):
     assert "is inside the images" in capsys.readouterr().err and not inside.exists()
 
 
-def test_a_damaged_metrics_line_is_named_and_the_run_recovers_from_last_pth(data, tmp_path, capsys):
+def first_of_two_epochs(data, tmp_path):
+    """The folder of a two-epoch run stopped after its first (--stop-after 1), to resume."""
     train, val = data
     out = tmp_path / "out"
     recipe = [*RECIPE]
     recipe[recipe.index("--epochs") + 1] = "2"
     assert finetune_main(train, "--output", out, "--val", val, "--no-pretrained", *recipe, "--stop-after", "1") == 0
+    return out
+
+
+def test_a_damaged_metrics_line_is_named_and_the_run_recovers_from_last_pth(data, tmp_path, capsys):
+    train, _ = data
+    out = first_of_two_epochs(data, tmp_path)
     (out / "metrics.jsonl").write_text('{"epo')  # epoch 1's line lost, and a line cut short
     (out / ".last.pth.0123456789ab.tmp").write_bytes(b"x" * 1000)  # what a save killed by SIGKILL leaves
     mine = [".draft.tmp", ".last.pth.notes.tmp", ".curves.png.0123456789ab.tmp.bak"]  # the user's, not the run's
@@ -747,11 +754,8 @@ def test_class_folders_whose_names_would_break_the_outputs_are_refused(data, tmp
 
 
 def test_resuming_after_best_pth_was_removed_says_no_file_holds_the_best_epoch(data, tmp_path, capsys):
-    train, val = data
-    out = tmp_path / "out"
-    recipe = [*RECIPE]
-    recipe[recipe.index("--epochs") + 1] = "2"
-    assert finetune_main(train, "--output", out, "--val", val, "--no-pretrained", *recipe, "--stop-after", "1") == 0
+    train, _ = data
+    out = first_of_two_epochs(data, tmp_path)
     (out / "best.pth").unlink()
     state = torch.load(out / "last.pth", weights_only=True)
     torch.save({**state, "best_top1": 101.0}, out / "last.pth")  # so that epoch 2 cannot beat epoch 1

@@ -24,13 +24,13 @@ from utils.weights.checkpoint import URL_SCHEMES
 DEFAULT_ENTRY = "resnet50_swsl"
 
 
-
 class Parser(argparse.ArgumentParser):
     """argparse for the commands that run under torchrun: a bad option is said once, by the first
     process, and no process exits before it is out (utils/inference/distributed.py)."""
 
     def error(self, message: str):
         sys.exit(give_up(2, f"{self.format_usage()}{self.prog}: error: {message}"))
+
 
 def add_model_arguments(parser: argparse.ArgumentParser, batch_size: int) -> None:
     add_entry_arguments(parser)

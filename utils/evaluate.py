@@ -41,7 +41,7 @@ from utils.cli import (
     wordnet_ids,
 )
 from utils.images.decode import IMAGE_SUFFIXES, ImageError
-from utils.images.files import class_folders
+from utils.images.files import class_dirs
 from utils.images.preprocess import Preprocess
 from utils.inference.accuracy import count_correct
 from utils.inference.distributed import Stopped, check_together, give_up, start
@@ -55,7 +55,7 @@ def image_folder(root: Path, num_classes: int | None, classes: list[str] | None 
     classes 0..N-1 in sorted order with ``num_classes``."""
     if not root.is_dir():
         raise ValueError(f"{root} is not a directory")
-    folders = class_folders(root)
+    folders = class_dirs(root)
     if not folders:
         raise ValueError(f"{root} has no class folders: lay the images out as {root}/<class>/<image>")
     if classes is not None:

@@ -36,7 +36,7 @@ def find_images(patterns: list[str]) -> tuple[list[Path], list[tuple[str, str]]]
     return list(dict.fromkeys(found)), problems  # each file once, in first-named order
 
 
-def class_folders(root: Path) -> list[Path]:
+def class_dirs(root: Path) -> list[Path]:
     """The class folders of an ImageFolder layout, sorted: ``root``'s folders, less hidden ones
     (``.ipynb_checkpoints``, ``.git``), as evaluation and fine-tuning both read them."""
     return sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))

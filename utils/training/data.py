@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from models.finetuned import class_name_ok
 from utils.images.decode import IMAGE_SUFFIXES
-from utils.images.files import class_folders as image_class_folders
+from utils.images.files import class_dirs
 from utils.training import FinetuneError
 
 # Images this small (median pixels) decode faster in the main process than through worker processes.
@@ -28,7 +28,7 @@ def class_folders(root: Path, what: str) -> tuple[list[str], list[tuple[Path, in
         raise FinetuneError(f"{what} {root} does not exist")
     if not root.is_dir():
         raise FinetuneError(f"{what} {root} is not a directory: give a folder with one subfolder of images per class")
-    folders = image_class_folders(root)
+    folders = class_dirs(root)
     if not folders:
         raise FinetuneError(f"{what} {root} has no class folders: lay the images out as {root}/<class name>/<image>")
     bad = [d.name for d in folders if not class_name_ok(d.name)]

@@ -92,7 +92,8 @@ class RunFolder:
         self._write(name, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
     def write_with(self, name: str, write) -> None:
-        """``write(path)`` writes ``name``'s content to ``path``, which is then renamed over ``name``."""
+        """``write(path)`` writes ``name``'s content to ``path``, which is then renamed over ``name``; a
+        ``write`` that returns False wrote nothing, and ``name`` stays as it was."""
         self._write(name, write)
 
     def append(self, name: str, text: str) -> None:

@@ -210,11 +210,11 @@ def load_checkpoint(path: Path, origin: str | None = None) -> tuple[dict[str, Te
 
 
 def read_description(path: Path) -> object:
-    """What a checkpoint says of itself under "pretrained_cfg" (None if nothing). A zip file's tensors are
-    memory-mapped and released at once, unread; a legacy file is read whole, as it cannot be mapped."""
+    """What a checkpoint says of itself under "pretrained_cfg" (None if nothing), in either format. Its
+    tensors go to the meta device: nothing of their size is allocated, and loading proper reads them once."""
     try:
-        is_zip = check_format(path, str(path))
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+        check_format(path, str(path))
+        obj = torch.load(path, map_location="meta", weights_only=True)
     except Exception:  # noqa: BLE001  (loading proper reports what is wrong with the file)
         return None
     return obj.get(DESCRIPTION) if isinstance(obj, dict) else None
