@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import pickle
 import shutil
 import subprocess
 import sys
@@ -36,7 +35,13 @@ def load_in_new_process(path, x_path, out_path, cwd):
             "out = m(x); torch.save([out] if torch.is_tensor(out) else list(out), sys.argv[3]); "
             "print(type(m).__name__, m.pretrained_cfg['entry'], type(m.preprocess).__name__)")
     return subprocess.run([sys.executable, "-c", code, str(path), str(x_path), str(out_path)], cwd=cwd,
-                          capture_output=True, text=True, timeout=120)
+                          env=same_threads(), capture_output=True, text=True, timeout=120)
+
+
+def same_threads() -> dict:
+    """The environment of a new interpreter that computes on as many threads as this one: the order of a
+    convolution's sums, and so its last bits, may change with the number of threads."""
+    return {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -68,14 +73,16 @@ def test_a_checkout_whose_hubconf_changed_still_loads_what_it_saved(tmp_path):
     assert torch.equal(torch.load(tmp_path / "out.pt")[0], outputs(model, x)[0])
 
 
-def run_in_child(model, x, path):
+def run_in_child(model, x, path, threads):
+    torch.set_num_threads(threads)  # as many as here: see same_threads
     torch.save(outputs(model, x), path)  # a file: tensors sent through a queue die with the child
 
 
 @pytest.mark.parametrize("kind", ["classifier", "feature maps"])
 def test_a_model_passed_to_a_spawned_process_runs_there(tmp_path, kind):
     model, x = hub_model(**KINDS[kind]), torch.randn(1, 3, 64, 64)
-    child = multiprocessing.get_context("spawn").Process(target=run_in_child, args=(model, x, tmp_path / "out.pt"))
+    child = multiprocessing.get_context("spawn").Process(target=run_in_child,
+                                                         args=(model, x, tmp_path / "out.pt", torch.get_num_threads()))
     child.start()
     child.join(timeout=120)
     assert child.exitcode == 0
@@ -121,9 +128,55 @@ def test_dataloader_workers_under_spawn_call_the_models_preprocess(tmp_path):
     assert done.returncode == 0 and done.stdout.strip() == "equal", done.stderr[-3000:]
 
 
-def test_an_optimised_model_says_in_one_line_how_to_cross_instead(tmp_path):
-    fast = hub_model().optimize_for_inference()
-    for cross in (pickle.dumps, lambda m: torch.save(m, tmp_path / "fast.pt")):
-        with pytest.raises(TypeError, match=r"^an optimised model cannot be pickled or saved whole: .*"
-                                            r"call optimize_for_inference there, or save a file"):
-            cross(fast)
+OPTIMISED = {"torch": {}, "torch, contiguous": {"channels_last": False}, "onnxruntime": {"backend": "onnxruntime"},
+             "openvino": {"backend": "openvino"}, "auto": {"backend": "auto"},
+             "int8 openvino": {"dtype": "int8", "backend": "openvino"},
+             "int8 onnxruntime": {"dtype": "int8", "backend": "onnxruntime"}}
+
+
+@pytest.fixture(scope="module")
+def optimised():
+    """Each kind of optimised model (compile=True: tests/test_optimize.py), and their outputs here."""
+    model, calibration = hub_model(), torch.randn(8, 3, 64, 64)
+    models = {name: model.optimize_for_inference(**kwargs, **({"calibration": calibration} if "int8" in name else {}))
+              for name, kwargs in OPTIMISED.items()}
+    x = torch.randn(2, 3, 64, 64)
+    return models, x, {name: outputs(m, x) for name, m in models.items()}
+
+
+def run_all_in_child(models, x, path, threads):
+    torch.set_num_threads(threads)
+    torch.save({name: outputs(m, x) for name, m in models.items()}, path)
+
+
+def assert_same_outputs(got, expected):
+    assert got.keys() == expected.keys()
+    for name in expected:  # "auto" races its candidates again there, and may pick another
+        for g, e in zip(got[name], expected[name], strict=True):
+            assert (g - e).abs().max() <= 1e-5 * e.abs().max(), name
+
+
+def test_optimised_models_pass_to_a_spawned_process_and_run_there_as_here(tmp_path, optimised):
+    models, x, expected = optimised
+    child = multiprocessing.get_context("spawn").Process(target=run_all_in_child,
+                                                         args=(models, x, tmp_path / "out.pt", torch.get_num_threads()))
+    child.start()
+    child.join(timeout=180)
+    assert child.exitcode == 0
+    assert_same_outputs(torch.load(tmp_path / "out.pt"), expected)
+
+
+def test_optimised_models_saved_with_torch_save_load_in_a_new_process(tmp_path, optimised):
+    models, x, expected = optimised
+    torch.save(models, tmp_path / "models.pt")
+    torch.save(x, tmp_path / "x.pt")
+    code = ("import sys, torch; models = torch.load(sys.argv[1], weights_only=False); x = torch.load(sys.argv[2]); "
+            "out = {k: m(x) for k, m in models.items()}; "
+            "torch.save({k: [o] if torch.is_tensor(o) else list(o) for k, o in out.items()}, sys.argv[3]); "
+            "print(*sorted({type(m).__name__ for m in models.values()}), models['int8 openvino'].int8_fidelity)")
+    done = subprocess.run([sys.executable, "-c", code, *(str(tmp_path / n) for n in ("models.pt", "x.pt", "out.pt"))],
+                          cwd=tmp_path, env=same_threads(), capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[:3] == ["AutoModel", "InferenceModel", "PeerModel"]
+    assert "top1_agreement" in done.stdout  # the measured fidelity travels with the INT8 model
+    assert_same_outputs(torch.load(tmp_path / "out.pt"), expected)

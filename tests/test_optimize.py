@@ -1,4 +1,5 @@
 """utils.optimize_for_inference: the same outputs as the eager model, faster layouts, the original untouched."""
+import pickle
 import platform
 
 import pytest
@@ -172,9 +173,10 @@ def test_float16_runs_where_the_cpu_has_it(monkeypatch):
         assert relative_error(optimize_for_inference(model, dtype=torch.float16)(x), model(x)) < 3e-2
 
 
-def test_compiled_equals_eager():
+def test_compiled_equals_eager_and_compiles_again_where_it_is_unpickled():
     model = trained_like("resnet18_ssl")
-    fast = optimize_for_inference(model, compile=True)
+    fast = pickle.loads(pickle.dumps(optimize_for_inference(model, compile=True)))  # compiled on its first call
+    assert isinstance(fast.model, torch._dynamo.eval_frame.OptimizedModule)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         expected = model(x)

@@ -10,13 +10,18 @@ fidelity.
 
 Every backend answers a non-finite input as eager PyTorch would: the outputs of an image with a NaN
 or an infinity are NaN (fused ReLUs and some runtimes would otherwise turn them into finite numbers).
+
+An optimised model crosses into another process (pickling, ``torch.save``, spawned workers) as what its
+runtime was made from: the ONNX bytes, or the INT8 model, and the new process builds the runtime anew.
 """
 from __future__ import annotations
 
 import hashlib
 import importlib
 import logging
+import os
 import queue
+import tempfile
 import time
 import weakref
 from collections import Counter
@@ -31,6 +36,7 @@ from utils.images.tensors import check_input
 from utils.inference import quantize
 from utils.inference.fold import fold_batchnorm
 from utils.inference.hardware import check_native, cpu_has_native
+from utils.pickling import Portable
 
 logger = logging.getLogger("semi_supervised_hub")
 
@@ -98,7 +104,12 @@ def onnxruntime_runner(onnx: bytes, dtype: torch.dtype, threads: int) -> Callabl
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = onnxruntime.InferenceSession(onnx, options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
-    return lambda x: session.run(None, {name: x})
+
+    def run(x: np.ndarray) -> list[np.ndarray]:
+        return session.run(None, {name: x})
+
+    run.source = onnx  # what the session was made from: what a pickled model carries
+    return run
 
 
 def openvino_runner(model, dtype: torch.dtype, threads: int) -> Callable[[np.ndarray], list[np.ndarray]]:
@@ -123,7 +134,30 @@ def openvino_runner(model, dtype: torch.dtype, threads: int) -> Callable[[np.nda
             idle.put(request)
 
     run.config, run.compiled = config, compiled  # what was asked of OpenVINO, and what it compiled
+    run.source = model
     return run
+
+
+def _serialized(model) -> bytes | tuple[bytes, bytes]:
+    """A runner's source as bytes: ONNX as it is, an openvino.Model as its IR (XML, weights)."""
+    if isinstance(model, bytes):
+        return model
+    import openvino
+
+    with tempfile.TemporaryDirectory(prefix="openvino-") as folder:
+        xml = os.path.join(folder, "model.xml")
+        openvino.save_model(model, xml, compress_to_fp16=False)
+        with open(xml, "rb") as f, open(xml.removesuffix(".xml") + ".bin", "rb") as weights:
+            return f.read(), weights.read()
+
+
+def _deserialized(source: bytes | tuple[bytes, bytes]):
+    if isinstance(source, bytes):
+        return source
+    import openvino
+
+    xml, weights = source
+    return openvino.Core().read_model(xml, openvino.Tensor(np.frombuffer(weights, np.uint8).copy()))
 
 
 def openvino_precision(dtype: torch.dtype) -> str:
@@ -205,7 +239,7 @@ def keep_nonfinite(x: Tensor, out: Tensor | list[Tensor]) -> Tensor | list[Tenso
     return out
 
 
-class InferenceOnly(nn.Module):
+class InferenceOnly(nn.Module, metaclass=Portable):
     """Refuses .train(): the BatchNorm layers are folded away, or the model lives in another runtime."""
 
     def train(self, mode: bool = True) -> InferenceOnly:
@@ -213,12 +247,6 @@ class InferenceOnly(nn.Module):
             raise RuntimeError("an optimised model is for inference only (its BatchNorm layers are folded away): "
                                "train or fine-tune the original model, then optimise it again")
         return super().train(False)
-
-    def __reduce_ex__(self, protocol):
-        raise TypeError("an optimised model cannot be pickled or saved whole: its kernels and runtimes live in "
-                        "this process. Pass the original model (or its state_dict) to the other process and call "
-                        "optimize_for_inference there, or save a file: torch.jit.save, torch.export.save or "
-                        "python -m utils.export")
 
 
 _CPU_FLOAT32 = torch.empty(0)
@@ -248,6 +276,15 @@ class PeerModel(InferenceOnly):
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}, dtype={self.dtype}"
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__().copy()
+        state["runner"] = _serialized(self.runner.source)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.runner = RUNNERS[self.backend](_deserialized(self.runner), self.dtype, torch.get_num_threads())
 
 
 class AutoModel(InferenceOnly):

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from utils.images.tensors import check_input
+from utils.pickling import Portable
 
 PACKED_SHAPES = 2  # input shapes whose packed weights are kept: each holds a copy of the weights
 _mkldnn = torch.ops.mkldnn
@@ -46,13 +47,16 @@ def can_fuse(model: nn.Module) -> bool:
                     and c.padding_mode == "zeros" and not isinstance(c.padding, str) for c in convs))
 
 
-class FusedResNet(nn.Module):
+class FusedResNet(nn.Module, metaclass=Portable):
     """``model`` (BatchNorm folded) computed with packed weights and fused ReLU and additions."""
 
     def __init__(self, model: nn.Module, fuse_pointwise: bool = True):
         super().__init__()
         self.model, self.fuse_pointwise = model, fuse_pointwise  # False only to measure what fusing gains
         self._packed: OrderedDict[tuple[int, ...], dict[nn.Conv2d, Tensor]] = OrderedDict()
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "_packed": OrderedDict()}  # oneDNN's packings: made again where used
 
     def forward(self, x: Tensor) -> Tensor | list[Tensor]:
         m = self.model

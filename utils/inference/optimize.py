@@ -93,15 +93,9 @@ def _torch(model: nn.Module, dtype: torch.dtype, channels_last: bool, compile: b
     fast = fold_batchnorm(model)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     _convert_tensors(fast, dtype, memory_format)
-    if compile:
-        # Freezing lets inductor treat the weights as constants: it pre-packs them and fuses
-        # convolution, bias, addition and ReLU into one kernel.
-        with warnings.catch_warnings():  # torch's own mkldnn module, imported here, uses deprecated TorchScript
-            warnings.filterwarnings("ignore", message=r".*torch\.jit\.script_method", category=DeprecationWarning)
-            fast = torch.compile(fast, options={"freezing": True})
-    elif channels_last and fused.can_fuse(fast):  # float32 on the CPU: weights packed once, ReLU and add fused
+    if not compile and channels_last and fused.can_fuse(fast):  # float32 on the CPU: packed once, ReLU, add fused
         fast = fused.FusedResNet(fast)
-    return InferenceModel(fast, dtype, memory_format)
+    return InferenceModel(fast, dtype, memory_format, compile)
 
 
 def _peer(model: nn.Module, backend: str, dtype: torch.dtype, calibration: Tensor | None = None) -> backends.PeerModel:
@@ -152,12 +146,26 @@ def _int8(model: nn.Module, backend: str | None, channels_last: bool, compile: b
 
 
 class InferenceModel(backends.InferenceOnly):
-    """Runs ``model`` in ``dtype`` and ``memory_format`` with gradients off; float32 in, float32 out."""
+    """Runs ``model`` in ``dtype`` and ``memory_format`` with gradients off, through ``torch.compile`` with
+    ``compile``; float32 in, float32 out. Pickled, it carries ``model`` and compiles it again where it lands."""
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype, memory_format: torch.memory_format):
+    def __init__(self, model: nn.Module, dtype: torch.dtype, memory_format: torch.memory_format, compile: bool = False):
         super().__init__()
-        self.model, self.dtype, self.memory_format = model, dtype, memory_format
+        self.dtype, self.memory_format, self.compiled = dtype, memory_format, compile
+        self.model = _compiled(model) if compile else model
         self.train(False)
+
+    def __getstate__(self) -> dict:
+        # torch.save cannot pickle a torch.memory_format (torch 2.13): it travels by name.
+        state = {**super().__getstate__(), "memory_format": str(self.memory_format).removeprefix("torch.")}
+        if self.compiled:
+            state["_modules"] = {**state["_modules"], "model": self.model._orig_mod}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__({**state, "memory_format": getattr(torch, state["memory_format"])})
+        if self.compiled:
+            self.model = _compiled(self.model)
 
     def forward(self, x: Tensor) -> Tensor | list[Tensor]:
         backends.check_float(x)
@@ -169,7 +177,15 @@ class InferenceModel(backends.InferenceOnly):
         return backends.keep_nonfinite(x, out)
 
     def extra_repr(self) -> str:
-        return f"dtype={self.dtype}, memory_format={self.memory_format}"
+        return f"dtype={self.dtype}, memory_format={self.memory_format}" + (", compiled" if self.compiled else "")
+
+
+def _compiled(model: nn.Module) -> nn.Module:
+    # Freezing lets inductor treat the weights as constants: it pre-packs them and fuses
+    # convolution, bias, addition and ReLU into one kernel.
+    with warnings.catch_warnings():  # torch's own mkldnn module, imported here, uses deprecated TorchScript
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script_method", category=DeprecationWarning)
+        return torch.compile(model, options={"freezing": True})
 
 
 def _convert_tensors(model: nn.Module, dtype: torch.dtype, memory_format: torch.memory_format) -> None:

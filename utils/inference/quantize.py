@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from utils.images.files import find_images
 from utils.images.tensors import MIN_SIZE
+from utils.pickling import Portable
 
 INT8 = torch.int8  # the dtype that stands for "quantized to INT8" in optimize_for_inference
 RUNTIMES = {"openvino": ("openvino", "nncf"), "onnxruntime": ("onnxruntime", "onnx")}  # the packages each needs
@@ -51,7 +52,7 @@ def require(backend: str) -> None:
 
 
 @dataclass(frozen=True)
-class Fidelity:
+class Fidelity(metaclass=Portable):
     """INT8 against float32 on ``images`` images: kept out of calibration (``held_out``), or, with fewer
     than 10, the calibration images themselves."""
     images: int
