@@ -157,7 +157,7 @@ def _deserialized(source: bytes | tuple[bytes, bytes]):
     import openvino
 
     xml, weights = source
-    return openvino.Core().read_model(xml, openvino.Tensor(np.frombuffer(weights, np.uint8).copy()))
+    return openvino.Core().read_model(xml, weights)
 
 
 def openvino_precision(dtype: torch.dtype) -> str:
