@@ -2,6 +2,7 @@
 the interface and metadata, the calibration cache, the errors, and "auto" never picking a slower INT8."""
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import time
@@ -285,8 +286,10 @@ def test_openvino_int8_quantizes_a_graph_whose_convolution_biases_are_constants(
     """NNCF corrects each convolution's bias for the shift that quantizing causes, and finds a bias only
     as a constant. The ONNX reader leaves it computed at run time unless the graph is folded first: a
     model fine-tuned on digits then lost 13 points of top-1 in INT8 (0.3 folded)."""
-    model = trained_like("resnet18_ssl")
-    quantized = quantize.quantize(backends._exported(model).onnx, "openvino", calibration[:8])
+    import openvino
+
+    onnx = backends._exported(trained_like("resnet18_ssl")).onnx
+    quantized = openvino.Core().read_model(*quantize.quantize(onnx, "openvino", calibration[:8]))
     convolutions = [op for op in quantized.get_ordered_ops() if op.get_type_name() == "Convolution"]
     assert len(convolutions) == 20  # ResNet-18: the stem, 16 in the blocks, 3 downsampling
     for convolution in convolutions:
@@ -294,3 +297,28 @@ def test_openvino_int8_quantizes_a_graph_whose_convolution_biases_are_constants(
         assert [op.get_type_name() for op in after] == ["Add"], convolution.get_friendly_name()
         bias = [i.get_source_output().get_node() for i in after[0].inputs()]
         assert sorted(op.get_type_name() for op in bias if op is not convolution) == ["Constant"], bias
+
+
+def test_every_openvino_model_is_read_and_compiled_by_one_core(calibration, monkeypatch):
+    """A process that made an openvino.Core for each model crashed seconds later in unrelated code (a heap
+    corrupted after two INT8 models had come and gone): the repository's code makes one Core, whatever
+    NNCF makes for itself."""
+    import openvino
+
+    made = []
+
+    class Counted(openvino.Core):
+        def __init__(self, *args, **kwargs):
+            made.append(sys._getframe(1).f_globals["__name__"])  # who asked for it
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(openvino, "Core", Counted)
+    monkeypatch.setattr(quantize, "openvino_core", functools.cache(quantize.openvino_core.__wrapped__))
+    x = calibration[:2]
+    for sign in (1, -1):  # two models: two exports, two quantizations, their runners
+        model = trained_like("resnet18_ssl")
+        with torch.no_grad():
+            model.fc.weight.mul_(sign)
+        optimize_for_inference(model, backend="openvino", dtype="int8", calibration=calibration)(x)
+        optimize_for_inference(model, backend="openvino")(x)
+    assert [name for name in made if name.startswith(("utils", "models"))] == ["utils.inference.quantize"], made

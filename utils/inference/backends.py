@@ -19,9 +19,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import logging
-import os
 import queue
-import tempfile
 import time
 import weakref
 from collections import Counter
@@ -112,15 +110,15 @@ def onnxruntime_runner(onnx: bytes, dtype: torch.dtype, threads: int) -> Callabl
     return run
 
 
-def openvino_runner(model, dtype: torch.dtype, threads: int) -> Callable[[np.ndarray], list[np.ndarray]]:
-    """``model``: ONNX bytes, or the openvino.Model that INT8 quantization makes of them."""
-    import openvino
-
-    core = openvino.Core()
+def openvino_runner(model: bytes | tuple[bytes, bytes], dtype: torch.dtype,
+                    threads: int) -> Callable[[np.ndarray], list[np.ndarray]]:
+    """``model``: ONNX bytes, or the IR (XML, weights) that INT8 quantization makes of them."""
+    core = quantize.openvino_core()
     # The precision is set explicitly: OpenVINO otherwise computes in bf16 wherever the CPU has it.
     config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads,
               "INFERENCE_PRECISION_HINT": openvino_precision(dtype)}
-    compiled = core.compile_model(core.read_model(model) if isinstance(model, bytes) else model, "CPU", config)
+    compiled = core.compile_model(core.read_model(*model) if isinstance(model, tuple) else core.read_model(model),
+                                  "CPU", config)
     idle: queue.SimpleQueue = queue.SimpleQueue()  # one request per concurrent caller, reused
 
     def run(x: np.ndarray) -> list[np.ndarray]:
@@ -136,28 +134,6 @@ def openvino_runner(model, dtype: torch.dtype, threads: int) -> Callable[[np.nda
     run.config, run.compiled = config, compiled  # what was asked of OpenVINO, and what it compiled
     run.source = model
     return run
-
-
-def _serialized(model) -> bytes | tuple[bytes, bytes]:
-    """A runner's source as bytes: ONNX as it is, an openvino.Model as its IR (XML, weights)."""
-    if isinstance(model, bytes):
-        return model
-    import openvino
-
-    with tempfile.TemporaryDirectory(prefix="openvino-") as folder:
-        xml = os.path.join(folder, "model.xml")
-        openvino.save_model(model, xml, compress_to_fp16=False)
-        with open(xml, "rb") as f, open(xml.removesuffix(".xml") + ".bin", "rb") as weights:
-            return f.read(), weights.read()
-
-
-def _deserialized(source: bytes | tuple[bytes, bytes]):
-    if isinstance(source, bytes):
-        return source
-    import openvino
-
-    xml, weights = source
-    return openvino.Core().read_model(xml, weights)
 
 
 def openvino_precision(dtype: torch.dtype) -> str:
@@ -279,12 +255,12 @@ class PeerModel(InferenceOnly):
 
     def __getstate__(self) -> dict:
         state = super().__getstate__().copy()
-        state["runner"] = _serialized(self.runner.source)
+        state["runner"] = self.runner.source
         return state
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        self.runner = RUNNERS[self.backend](_deserialized(self.runner), self.dtype, torch.get_num_threads())
+        self.runner = RUNNERS[self.backend](self.runner, self.dtype, torch.get_num_threads())
 
 
 class AutoModel(InferenceOnly):

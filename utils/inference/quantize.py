@@ -13,6 +13,7 @@ fifth is kept out of calibration and compared between the two (``Fidelity``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib
 import logging
@@ -35,6 +36,16 @@ MAX_IMAGES = 300  # NNCF's default subset: more images add minutes, not accuracy
 HOLD_OUT = 5  # every fifth image measures fidelity instead of calibrating, from 2 * HOLD_OUT images up
 MISSING = ("dtype='int8' needs calibration=: 50 to 300 images like those the model will see, as a folder, "
            "image paths or a preprocessed (N, 3, H, W) tensor")
+
+
+@functools.cache
+def openvino_core():
+    """The process's one openvino.Core, which reads and compiles every OpenVINO model here: with a Core per
+    model, the process crashed once two INT8 models had come and gone (a corrupted heap, met seconds later
+    in unrelated code)."""
+    import openvino
+
+    return openvino.Core()
 
 
 def available(backend: str) -> bool:
@@ -123,9 +134,9 @@ def digest(images: Tensor) -> str:
                            digest_size=16).hexdigest()
 
 
-def quantize(onnx: bytes, backend: str, images: Tensor):
-    """``onnx`` quantized for ``backend`` with ranges from ``images``: an openvino.Model for OpenVINO,
-    QDQ ONNX bytes for ONNX Runtime."""
+def quantize(onnx: bytes, backend: str, images: Tensor) -> bytes | tuple[bytes, bytes]:
+    """``onnx`` quantized for ``backend`` with ranges from ``images``: OpenVINO's IR (XML, weights) for
+    OpenVINO, QDQ ONNX bytes for ONNX Runtime."""
     require(backend)
     samples = [images[i:i + 1].numpy() for i in range(len(images))]
     if backend == "openvino":
@@ -134,7 +145,7 @@ def quantize(onnx: bytes, backend: str, images: Tensor):
         import openvino.passes
 
         nncf.set_log_level(logging.ERROR)
-        model = openvino.Core().read_model(onnx)
+        model = openvino_core().read_model(onnx)
         # Folded first: the ONNX reader leaves each convolution's bias as an addition of a reshape computed
         # at run time, which NNCF does not see as the convolution's bias and quantizes on its own, costing
         # a model fine-tuned on digits 13 points of top-1 (0.3 once folded).
@@ -144,8 +155,9 @@ def quantize(onnx: bytes, backend: str, images: Tensor):
         # Grouped convolutions (ResNeXt's) stay in float: with 4-32 channels a group, their INT8 kernels gain
         # little, and keeping them made INT8 ResNeXt-50 about 10% faster and closer to float32.
         with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bar: stdout stays the command's output
-            return nncf.quantize(model, nncf.Dataset(samples), subset_size=len(samples),
-                                 ignored_scope=nncf.IgnoredScope(types=["GroupConvolution"], validate=False))
+            model = nncf.quantize(model, nncf.Dataset(samples), subset_size=len(samples),
+                                  ignored_scope=nncf.IgnoredScope(types=["GroupConvolution"], validate=False))
+        return _ir(model)
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     class Reader(CalibrationDataReader):
@@ -167,6 +179,18 @@ def quantize(onnx: bytes, backend: str, images: Tensor):
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
         with open(target, "rb") as f:
             return f.read()
+
+
+def _ir(model) -> tuple[bytes, bytes]:
+    """An openvino.Model as IR bytes (XML, weights): what each runner compiles its own copy from, and what
+    a pickled model carries."""
+    import openvino
+
+    with tempfile.TemporaryDirectory(prefix="int8-") as folder:
+        xml = os.path.join(folder, "model.xml")
+        openvino.save_model(model, xml, compress_to_fp16=False)
+        with open(xml, "rb") as f, open(os.path.join(folder, "model.bin"), "rb") as weights:
+            return f.read(), weights.read()
 
 
 @contextlib.contextmanager
