@@ -107,7 +107,9 @@ def refused_everywhere(path, word, images, capsys):
 def test_a_bad_field_is_refused_in_one_line_by_the_hub_and_every_command(tmp_path, images, capsys, field, value,
                                                                          word):
     description = {**good_description(), field: value}
-    refused_everywhere(save(tmp_path / "crafted.pth", description), word, images, capsys)
+    # The head alone: a field is refused before any weight is read, and 59 full files would fill 2.6 GB.
+    head = {k: v for k, v in three_class_state().items() if k.startswith("fc.")}
+    refused_everywhere(save(tmp_path / "crafted.pth", description, head), word, images, capsys)
 
 
 @pytest.mark.parametrize("head", ["two rows", "none"])

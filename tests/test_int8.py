@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from models import create_model
 from utils.images.decode import ImageError
-from utils.inference import backends, hardware, quantize
+from utils.inference import backends, export, hardware, quantize
 from utils.inference.optimize import optimize_for_inference
 
 from .conftest import REPO
@@ -85,9 +85,15 @@ def calibration():
     return torch.cat([batch, batch.flip(3), batch * 0.8, batch.flip(2), batch * 1.1])  # 10 images: 2 held out
 
 
+@pytest.fixture(scope="module")
+def classifier():
+    """One model for the tests that only read it: its export and INT8 models are made once, and reused."""
+    return trained_like("resnet18_ssl")
+
+
 @pytest.mark.parametrize("backend", RUNTIMES)
-def test_interface_and_metadata_are_the_models(calibration, backend):
-    model = trained_like("resnet18_ssl")
+def test_interface_and_metadata_are_the_models(classifier, calibration, backend):
+    model = classifier
     fast = model.optimize_for_inference(backend=backend, dtype="int8", calibration=calibration)
     x = calibration[:3]
     with torch.no_grad():
@@ -235,9 +241,8 @@ def slowed(candidate, seconds):
     return candidate
 
 
-def test_auto_never_picks_a_slower_int8_and_picks_a_faster_one(calibration):
-    model = trained_like("resnet18_ssl")
-    auto = optimize_for_inference(model, backend="auto", dtype="int8", calibration=calibration)
+def test_auto_never_picks_a_slower_int8_and_picks_a_faster_one(classifier, calibration):
+    auto = optimize_for_inference(classifier, backend="auto", dtype="int8", calibration=calibration)
     names = list(auto.candidates)
     int8 = [n for n in names if n.endswith(" int8")]
     assert sorted(int8) == sorted(f"{b} int8" for b in RUNTIMES)
@@ -257,38 +262,55 @@ def test_auto_never_picks_a_slower_int8_and_picks_a_faster_one(calibration):
     assert auto.choices[(1, 64, 64)] in int8  # INT8 is now the faster: it is picked
 
 
-def test_float_auto_has_no_int8_candidate():
-    auto = optimize_for_inference(trained_like("resnet18_ssl"), backend="auto")
+def test_float_auto_has_no_int8_candidate(classifier):
+    auto = optimize_for_inference(classifier, backend="auto")
     assert not any("int8" in name for name in auto.candidates)
 
 
-def test_the_default_backend_for_int8_is_the_faster_int8_runtime(calibration):
-    fast = optimize_for_inference(trained_like("resnet18_ssl"), dtype="int8", calibration=calibration)
+def test_the_default_backend_for_int8_is_the_faster_int8_runtime(classifier, calibration):
+    fast = optimize_for_inference(classifier, dtype="int8", calibration=calibration)
     assert sorted(fast.candidates) == sorted(f"{b} int8" for b in RUNTIMES)  # the INT8 runtimes only
     fast(calibration[:2])
     assert list(fast.choices.values())[0].endswith(" int8")
 
 
+@pytest.fixture(scope="module")
+def tiny():
+    """A two-convolution network's ONNX and images for it: OpenVINO's INT8 path in a second, for the tests of
+    what is asked of OpenVINO rather than of what a ResNet computes."""
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.second = torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 4, 3)
+
+        def forward(self, x):
+            return self.second(F.relu(self.first(x)))
+
+    torch.manual_seed(0)
+    net, images = Tiny().eval(), torch.randn(8, 3, 16, 16)
+    return export.onnx_program(net, images[:2]).model_proto.SerializeToString(), images
+
+
 @pytest.mark.parametrize("flags, precision", [({"avx2", "avx512_vnni"}, "f32"),
                                               ({"avx512_vnni", "avx512_bf16"}, "bf16")])
-def test_openvino_computes_int8s_float_layers_in_bfloat16_only_where_the_cpu_has_it(calibration, monkeypatch,
-                                                                                    flags, precision):
+def test_openvino_computes_int8s_float_layers_in_bfloat16_only_where_the_cpu_has_it(tiny, monkeypatch, flags,
+                                                                                    precision):
     monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset(flags))
-    fast = optimize_for_inference(trained_like("resnet18_ssl"), backend="openvino", dtype="int8",
-                                  calibration=calibration)
+    onnx, images = tiny
+    run = backends.openvino_runner(quantize.quantize(onnx, "openvino", images), quantize.INT8, 1)
     # What the code asks of OpenVINO, on any CPU; what OpenVINO grants depends on the real one, except f32.
-    assert fast.runner.config["INFERENCE_PRECISION_HINT"] == precision
+    assert run.config["INFERENCE_PRECISION_HINT"] == precision
     if precision == "f32":
-        assert fast.runner.compiled.get_property("INFERENCE_PRECISION_HINT").to_string() == "f32"
+        assert run.compiled.get_property("INFERENCE_PRECISION_HINT").to_string() == "f32"
 
 
-def test_openvino_int8_quantizes_a_graph_whose_convolution_biases_are_constants(calibration):
+def test_openvino_int8_quantizes_a_graph_whose_convolution_biases_are_constants(classifier, calibration):
     """NNCF corrects each convolution's bias for the shift that quantizing causes, and finds a bias only
     as a constant. The ONNX reader leaves it computed at run time unless the graph is folded first: a
     model fine-tuned on digits then lost 13 points of top-1 in INT8 (0.3 folded)."""
     import openvino
 
-    onnx = backends._exported(trained_like("resnet18_ssl")).onnx
+    onnx = backends._exported(classifier).onnx
     quantized = openvino.Core().read_model(*quantize.quantize(onnx, "openvino", calibration[:8]))
     convolutions = [op for op in quantized.get_ordered_ops() if op.get_type_name() == "Convolution"]
     assert len(convolutions) == 20  # ResNet-18: the stem, 16 in the blocks, 3 downsampling
@@ -299,7 +321,7 @@ def test_openvino_int8_quantizes_a_graph_whose_convolution_biases_are_constants(
         assert sorted(op.get_type_name() for op in bias if op is not convolution) == ["Constant"], bias
 
 
-def test_every_openvino_model_is_read_and_compiled_by_one_core(calibration, monkeypatch):
+def test_every_openvino_model_is_read_and_compiled_by_one_core(tiny, monkeypatch):
     """A process that made an openvino.Core for each model crashed seconds later in unrelated code (a heap
     corrupted after two INT8 models had come and gone): the repository's code makes one Core, whatever
     NNCF makes for itself."""
@@ -314,11 +336,8 @@ def test_every_openvino_model_is_read_and_compiled_by_one_core(calibration, monk
 
     monkeypatch.setattr(openvino, "Core", Counted)
     monkeypatch.setattr(quantize, "openvino_core", functools.cache(quantize.openvino_core.__wrapped__))
-    x = calibration[:2]
-    for sign in (1, -1):  # two models: two exports, two quantizations, their runners
-        model = trained_like("resnet18_ssl")
-        with torch.no_grad():
-            model.fc.weight.mul_(sign)
-        optimize_for_inference(model, backend="openvino", dtype="int8", calibration=calibration)(x)
-        optimize_for_inference(model, backend="openvino")(x)
+    onnx, images = tiny
+    for dtype in (torch.float32, quantize.INT8, quantize.INT8):  # the float runner, and INT8 twice
+        source = quantize.quantize(onnx, "openvino", images) if dtype == quantize.INT8 else onnx
+        assert backends.openvino_runner(source, dtype, 1)(images[:2].numpy())[0].shape == (2, 4, 12, 12)
     assert [name for name in made if name.startswith(("utils", "models"))] == ["utils.inference.quantize"], made

@@ -474,7 +474,8 @@ def test_evaluate_int8_reports_the_float32_top1_of_the_same_images_beside_it(mod
     fidelity = result["int8_fidelity"]["onnxruntime"]
     assert fidelity["held_out"] and fidelity["images"] == 2  # 11 images: every fifth held out
     status = evaluate.main([str(val_dir), "--model", "resnet18_ssl", "--weights", weights, "--workers", "0",
-                            "--dtype", "int8", "--calibration", str(val_dir), "--device", "cpu", "--img-size", "64"])
+                            "--dtype", "int8", "--calibration", str(val_dir), "--backend", "onnxruntime",
+                            "--device", "cpu", "--img-size", "64"])
     out = capsys.readouterr().out
     assert status == 0 and f"int8 against float32 on the same images: top-1 {100 * hits / n:.3f}% against " \
                            f"{100 * top1 / n:.3f}%" in out
