@@ -11,7 +11,7 @@ from .conftest import REPO
 # Top first. A module may import from its own group and from any lower layer; groups that share a layer
 # are independent of each other. A module belongs to the longest group name that prefixes its name.
 LAYERS = (
-    ("utils", "utils.checkpoints"),  # re-exports: utils.optimize_for_inference; utils.cache's earlier name
+    ("utils",),  # re-exports utils.optimize_for_inference
     ("utils.classify", "utils.evaluate", "utils.finetune", "utils.benchmark", "utils.export", "utils.cache"),
     ("utils.cli", "utils.training"),  # what the commands share; fine-tuning
     ("models",),  # architectures, the registry, building a model and loading its weights

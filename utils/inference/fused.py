@@ -1,6 +1,6 @@
 """Float32 ResNets on the CPU with oneDNN convolutions that do more per call.
 
-Two costs of the plain module, measured on ResNet-50 (see the README's performance section):
+Two costs of the plain module, measured on ResNet-50 (benchmarks/README.md, the CPU backends):
 
 - oneDNN reorders every convolution's weights into its blocked layout on every call: at batch 1,
   about a fifth of the time. Here each weight is reordered once per input shape and kept, for the

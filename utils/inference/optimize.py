@@ -127,8 +127,8 @@ def _int8(model: nn.Module, backend: str | None, channels_last: bool, compile: b
     those and the float candidates, each input shape timed on its first batch."""
     if backend == "torch":
         raise ValueError("dtype='int8' runs in OpenVINO or ONNX Runtime: use backend=None for the faster one "
-                         "installed, 'openvino', 'onnxruntime' or 'auto' (torch's own INT8, PT2E through torchao, "
-                         "ran slower than OpenVINO's and compiles for seconds per input shape: see the README)")
+                         "installed, 'openvino', 'onnxruntime' or 'auto' (torch's own INT8, PT2E through torchao, ran "
+                         "slower than OpenVINO's and compiles for seconds per input shape: see benchmarks/README.md)")
     runtimes = [backend] if backend in quantize.RUNTIMES else [b for b in quantize.RUNTIMES if quantize.available(b)]
     if not runtimes:
         raise ImportError("dtype='int8' needs OpenVINO with NNCF or ONNX Runtime: "

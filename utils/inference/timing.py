@@ -63,6 +63,6 @@ def relative_error(got, expected) -> float:
 def describe(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    # The allocator matters on CPU: see the README's performance section.
+    # The allocator matters on CPU: see benchmarks/README.md.
     allocator = "".join(f", {name}={os.environ[name]}" for name in ALLOCATOR_SETTINGS if name in os.environ)
     return f"{describe_cpu()}, {torch.get_num_threads()} threads, torch {torch.__version__}{allocator}"
