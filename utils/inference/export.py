@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from utils.images.samples import sample_photos
+from utils.inference.compare import relative_error
 
 FORMATS = {".pt": "torchscript", ".pt2": "torch.export", ".onnx": "onnx"}
 TOLERANCE = 1e-4  # largest output difference, relative to the largest output
@@ -143,7 +144,7 @@ def check(model: nn.Module, path: str | os.PathLike, x: Tensor, tolerance: float
     if [tuple(t.shape) for t in got] != [tuple(t.shape) for t in expected]:
         raise ExportError(f"{path}: output shapes {[tuple(t.shape) for t in got]} differ from the model's "
                           f"{[tuple(t.shape) for t in expected]}")
-    error = max(float((g - e).abs().max() / e.abs().max().clamp_min(1e-12)) for g, e in zip(got, expected))
+    error = relative_error(got, expected)
     if error > tolerance:
         raise ExportError(f"{path}: outputs differ from the eager model's by {error:.2e} (relative), "
                           f"more than {tolerance:.0e}")

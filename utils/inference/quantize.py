@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from utils.images.files import find_images
 from utils.images.tensors import MIN_SIZE
+from utils.inference.compare import relative_error
 from utils.pickling import Portable
 
 INT8 = torch.int8  # the dtype that stands for "quantized to INT8" in optimize_for_inference
@@ -211,7 +212,7 @@ def _without_advice():
 def fidelity(expected: Tensor | list[Tensor], got: Tensor | list[Tensor], held_out: bool) -> Fidelity:
     """How far ``got`` (INT8) is from ``expected`` (float32), over the same images."""
     expected, got = ([o] if isinstance(o, Tensor) else list(o) for o in (expected, got))
-    error = max(float((g - e).abs().max() / e.abs().max().clamp_min(1e-12)) for g, e in zip(got, expected))
+    error = relative_error(got, expected)
     logits = len(expected) == 1 and expected[0].dim() == 2 and expected[0].shape[1] > 1
     agreement = (100 * float((got[0].argmax(1) == expected[0].argmax(1)).float().mean()) if logits else None)
     return Fidelity(len(expected[0]), held_out, agreement, error)

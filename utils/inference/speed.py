@@ -14,10 +14,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from utils.inference import backends, quantize
+from utils.inference.compare import relative_error
 from utils.inference.hardware import cpu_has_native
 from utils.inference.optimize import DTYPE_NAMES as DTYPES
 from utils.inference.optimize import optimize_for_inference
-from utils.inference.timing import gemm_gflops, matmul_functions, relative_error, time_interleaved
+from utils.inference.timing import gemm_gflops, matmul_functions, time_interleaved
 
 SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "int8": "int8"}
 PEERS = tuple(backends.PEERS)

@@ -1,5 +1,5 @@
 """Timing side by side: functions called round-robin, so that the machine's ups and downs fall on all of
-them alike; the dense matrix-multiply ceiling of the same run; how far outputs differ; the machine."""
+them alike; the dense matrix-multiply ceiling of the same run; the machine."""
 from __future__ import annotations
 
 import os
@@ -53,11 +53,6 @@ def matmul_functions(device: torch.device, dtype: torch.dtype) -> dict[str, Call
 
 def gemm_gflops(device: torch.device, seconds: float) -> float:
     return 2 * MATMUL_SIZE[device.type == "cpu"] ** 3 / seconds / 1e9
-
-
-def relative_error(got, expected) -> float:
-    got, expected = (o if isinstance(o, list) else [o] for o in (got, expected))
-    return max(float((g - e).abs().max() / e.abs().max().clamp_min(1e-12)) for g, e in zip(got, expected))
 
 
 def describe(device: torch.device) -> str:
