@@ -15,7 +15,7 @@ from models import finetuned
 from models.registry import ARCHS, MIRROR_ENV, WEIGHTS, WeightSet
 from models.resnet import BLOCKS, STAGES, ResNet, ResNetFeatures
 from utils.images.preprocess import Preprocess
-from utils.weights import CheckpointError, checkpoint
+from utils.weights import CheckpointError, checkpoint, download
 
 logger = logging.getLogger("semi_supervised_hub")
 
@@ -160,10 +160,8 @@ def published_url(weight_set: WeightSet) -> str:
     base = os.environ.get(MIRROR_ENV, "").strip()
     if not base:
         return weight_set.url
-    if "://" not in base:  # a directory
+    if not download.is_url(base, what=f"{MIRROR_ENV}={base!r} (a URL, or a directory)"):
         base = Path(base).expanduser().resolve().as_uri()
-    elif base.split("://", 1)[0] not in checkpoint.URL_SCHEMES:
-        raise ValueError(f"{MIRROR_ENV}={base!r} is not an http(s):// or file:// URL, nor a directory")
     return base.rstrip("/") + "/" + weight_set.file_name
 
 
@@ -176,9 +174,7 @@ def _checkpoint(weight_set: WeightSet | None, weights: str | os.PathLike | None,
     if not isinstance(weights, (str, os.PathLike)):
         raise TypeError(f"weights must be None, a file path or a URL, got {type(weights).__name__}")
     weights = os.fspath(weights)
-    if "://" in weights:
-        if weights.split("://", 1)[0] not in checkpoint.URL_SCHEMES:
-            raise ValueError(f"weights={weights!r}: only http://, https:// and file:// URLs are supported")
+    if download.is_url(weights, what=f"weights={weights!r}"):
         return checkpoint.fetch(weights, progress=progress), weights
     path = Path(weights).expanduser()
     return checkpoint.local_file(path, origin=f"weights={weights!r}"), str(path)

@@ -238,7 +238,7 @@ def test_mirror_file_is_hash_checked_against_the_registry(server, resnet18_check
 
 def test_mirror_that_is_not_a_url(monkeypatch):
     monkeypatch.setenv("SEMI_SUPERVISED_WEIGHTS_MIRROR", "ftp://mirror/")
-    with pytest.raises(ValueError, match="SEMI_SUPERVISED_WEIGHTS_MIRROR='ftp://mirror/' is not"):
+    with pytest.raises(ValueError, match="_MIRROR='ftp://mirror/' .*only http://, https:// and file:// URLs"):
         create_model("resnet18_ssl")
 
 

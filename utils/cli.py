@@ -19,7 +19,7 @@ from utils.inference.distributed import give_up
 from utils.inference.hardware import check_native
 from utils.inference.optimize import BACKENDS, optimize_for_inference
 from utils.inference.optimize import DTYPE_NAMES as DTYPES
-from utils.weights.checkpoint import URL_SCHEMES
+from utils.weights import download
 
 DEFAULT_ENTRY = "resnet50_swsl"
 
@@ -163,10 +163,11 @@ def device_name(text: str) -> str:
 
 def weights_source(text: str) -> str:
     """``--weights``: an http(s):// or file:// URL, or a checkpoint file that is there."""
-    if "://" in text:
-        if text.split("://", 1)[0] not in URL_SCHEMES:
-            raise argparse.ArgumentTypeError(f"{text}: only http://, https:// and file:// URLs are supported")
-        return text
+    try:
+        if download.is_url(text, what=text):
+            return text
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     path = Path(text).expanduser()
     if not path.exists():
         raise argparse.ArgumentTypeError(f"{text}: no such file")

@@ -22,7 +22,7 @@ from utils.cli import NO_PRETRAINED, add_entry_arguments, describe_weights, in_c
 
 # The library, also under this module's name (utils.export.export(model, path), utils.export.check(...)).
 from utils.inference.export import FORMATS, ExportError, check, export, load, sample_batch  # noqa: F401, I001
-from utils.weights import CheckpointError
+from utils.weights import CheckpointError, download
 
 
 def local_weights(weights: str | None) -> Path | None:
@@ -30,7 +30,7 @@ def local_weights(weights: str | None) -> Path | None:
     none or a download. Comparing files, not spellings, also catches symbolic and hard links."""
     if not weights:
         return None
-    if "://" not in weights:
+    if not download.is_url(weights):
         return Path(weights).expanduser()
     parsed = urlsplit(weights)
     return Path(url2pathname(parsed.path)) if parsed.scheme == "file" else None

@@ -32,7 +32,7 @@ LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?:[^.]+\.partial|lock)$")  # a downloa
 
 def hash_prefix(name: str) -> str | None:
     """The SHA-256 prefix that a file name or URL carries, if any."""
-    match = HASH_SUFFIX.search(urlsplit(name).path if "://" in name else name)
+    match = HASH_SUFFIX.search(urlsplit(name).path if download.is_url(name) else name)
     return match.group(1) if match else None
 
 

@@ -35,7 +35,6 @@ from utils.weights.cache import (
     verify,
 )
 
-URL_SCHEMES = ("http", "https", "file")
 DESCRIPTION = "pretrained_cfg"  # beside the state dict in a fine-tuned file: what it holds (models.finetuned.KEY)
 # The first bytes of the two formats torch.save writes: a zip archive, or (before 1.6, and the
 # published files) a pickle that starts with torch's magic number.

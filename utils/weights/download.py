@@ -23,6 +23,7 @@ from pathlib import Path
 from urllib.error import HTTPError, URLError
 from urllib.parse import urlsplit
 
+URL_SCHEMES = ("http", "https", "file")  # what weights= and the mirror may name
 TIMEOUT_ENV = "SEMI_SUPERVISED_DOWNLOAD_TIMEOUT"
 MIN_RATE_ENV = "SEMI_SUPERVISED_DOWNLOAD_MIN_RATE"
 DEFAULT_TIMEOUT = 60.0  # seconds
@@ -33,6 +34,16 @@ CHUNK = 1 << 20
 
 class DownloadError(OSError):
     """The download failed; the message says how."""
+
+
+def is_url(name: str, what: str | None = None) -> bool:
+    """Whether ``name`` is a URL (``scheme://...``) rather than a path. With ``what``, a URL that is not
+    http(s):// or file:// is refused: a ValueError that names ``what``."""
+    if "://" not in name:
+        return False
+    if what is not None and name.split("://", 1)[0] not in URL_SCHEMES:
+        raise ValueError(f"{what}: only http://, https:// and file:// URLs are supported")
+    return True
 
 
 def _setting(name: str, default: float, allow_zero: bool, what: str) -> float:
