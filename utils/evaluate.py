@@ -150,7 +150,7 @@ def evaluate(args: argparse.Namespace) -> int:
         preprocess = model.preprocess
 
     hits, images, seconds = count_correct(models, samples[rank::world], preprocess, batch_size=args.batch_size,
-                                          workers=args.workers, device=device, num_classes=num_classes, world=world)
+                                          workers=args.workers, device=device, world=world)
     if rank == 0:
         report(args, hits, images, seconds, world, num_classes, getattr(models[0], "int8_fidelity", None)
                if models else None)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 from tqdm import tqdm
 
 from utils.images.dataset import ImageFiles, batches
@@ -16,9 +16,15 @@ from utils.images.decode import ImageError
 from utils.inference.distributed import check_together
 
 
+def hits(logits: Tensor, labels: Tensor) -> Tensor:
+    """[top-1 hits, top-5 hits] of ``logits`` on ``labels`` (top-k with fewer than 5 classes): how evaluate
+    and fine-tuning's validation both count, so that they give the same top-1 on the same images."""
+    top = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
+    return torch.stack([top[:, 0].sum(), top.any(dim=1).sum()])
+
+
 def count_correct(models: list[nn.Module], shard: list[tuple[Path, int]], preprocess, *, batch_size: int,
-                  workers: int, device: torch.device, num_classes: int,
-                  world: int = 1) -> tuple[list[list[int]], int, float]:
+                  workers: int, device: torch.device, world: int = 1) -> tuple[list[list[int]], int, float]:
     """[top-1 hits, top-5 hits] of each model over this process's ``shard`` of (file, label) (each image
     decoded once for all of them), the number of images, summed over the ``world`` processes, and the
     slowest one's seconds. With no models, the images are only decoded and preprocessed (the input
@@ -29,7 +35,6 @@ def count_correct(models: list[nn.Module], shard: list[tuple[Path, int]], prepro
     loader = batches(ImageFiles([path for path, _ in shard], preprocess, strict=False), batch_size,
                      workers, device)
     counts = torch.zeros(2 * len(models) + 1, dtype=torch.int64, device=device)  # (top-1, top-5 hits)s, images
-    k = min(5, num_classes)
     start = time.perf_counter()
     progress = tqdm(total=len(shard), unit="image", disable=rank != 0, file=sys.stderr,
                     desc=f"process 0 of {world}" if world > 1 else None)
@@ -43,9 +48,7 @@ def count_correct(models: list[nn.Module], shard: list[tuple[Path, int]], prepro
                     target = labels[indices].to(device, non_blocking=True)
                     images = images.to(device, non_blocking=True)
                 for i, model in enumerate(models):
-                    hits = model(images).topk(k, dim=1).indices == target[:, None]
-                    counts[2 * i] += hits[:, 0].sum()
-                    counts[2 * i + 1] += hits.any(dim=1).sum()
+                    counts[2 * i:2 * i + 2] += hits(model(images), target)
                 counts[-1] += len(indices)
                 bar.update(len(indices))
         except ImageError as e:

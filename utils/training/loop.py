@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from models import create_model
 from utils.images.decode import ImageError
+from utils.inference.accuracy import hits
 from utils.inference.distributed import check_together
 from utils.training import FinetuneError
 from utils.training.data import Images
@@ -104,7 +105,6 @@ def validate(model, samples, preprocess, args, ctx, num_classes: int) -> tuple[f
     loader = DataLoader(Images(shard, preprocess), batch_size=args.batch_size, num_workers=args.workers,
                         pin_memory=ctx.device.type == "cuda")
     sums = torch.zeros(4, dtype=torch.float64, device=ctx.device)  # top-1 hits, top-5 hits, loss, images
-    k = min(5, num_classes)
     bar = tqdm(loader, desc="validation", unit="batch", disable=not ctx.main or None, file=sys.stderr, leave=False)
     failure = None
     try:  # no collective inside: the processes' shares differ in length
@@ -112,9 +112,8 @@ def validate(model, samples, preprocess, args, ctx, num_classes: int) -> tuple[f
             images = images.to(ctx.device, non_blocking=True, memory_format=torch.channels_last)
             labels = labels.to(ctx.device, non_blocking=True)
             logits = model(images).float()
-            hits = logits.topk(k, dim=1).indices == labels[:, None]
             loss = nn.functional.cross_entropy(logits, labels, reduction="sum")
-            sums += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), loss, torch.tensor(len(labels))]).to(sums)
+            sums += torch.cat([hits(logits, labels).to(sums), torch.stack([loss, torch.tensor(len(labels))]).to(sums)])
     except ImageError as e:
         failure = e
     check_together(failure)
