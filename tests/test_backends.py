@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from utils import optimize_for_inference
-from utils.inference import backends, export, hardware
+from utils.inference import backends, export, hardware, runtimes
 
 from .test_optimize import relative_error, trained_like
 
-PEERS = list(backends.PEERS)
+PEERS = list(runtimes.NAMES)
 SHAPES = [(1, 3, 224, 224), (3, 3, 33, 50)]  # batch 1 at the usual size; another batch, the smallest size
 
 
@@ -100,7 +100,7 @@ def test_pooled_features_and_feature_maps(backend, headless):
 
 def test_auto_runs_each_shape_on_the_fastest_candidate(classifier):
     fast = optimize_for_inference(classifier, backend="auto")
-    assert set(fast.candidates) == {"torch", *(b for b in PEERS if backends.installed(b))}
+    assert set(fast.candidates) == {"torch", *(b for b in PEERS if runtimes.installed(b))}
     assert fast.pretrained_cfg["entry"] == "resnet18_ssl"
     names = list(fast.candidates)
     for i, shape in enumerate(SHAPES):

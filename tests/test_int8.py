@@ -13,13 +13,13 @@ import torch.nn.functional as F
 
 from models import create_model
 from utils.images.decode import ImageError
-from utils.inference import backends, export, hardware, quantize
+from utils.inference import backends, export, hardware, quantize, runtimes
 from utils.inference.optimize import optimize_for_inference
 
 from .conftest import REPO
 from .test_optimize import photos, trained_like
 
-RUNTIMES = list(quantize.RUNTIMES)  # both are in requirements-dev.txt: a missing one fails, naming its install
+RUNTIMES = list(runtimes.NAMES)  # both are in requirements-dev.txt: a missing one fails, naming its install
 SIZE = 36  # the smallest convenient input the network takes (33 pixels and up), to train in seconds
 
 
@@ -219,8 +219,8 @@ def test_other_bad_combinations_say_what_to_do(calibration):
 @pytest.mark.parametrize("missing, backend, match", [
     (["nncf"], "openvino", r"INT8 in openvino needs openvino and nncf: pip install openvino nncf"),
     (["onnxruntime"], "onnxruntime", r"INT8 in onnxruntime needs onnxruntime and onnx: pip install onnxruntime"),
-    (["nncf", "onnxruntime"], None, r"needs OpenVINO with NNCF or ONNX Runtime: pip install openvino nncf or pip "
-                                    r"install onnxruntime onnx"),
+    (["nncf", "onnxruntime"], None, r"needs ONNX Runtime or OpenVINO with NNCF: pip install onnxruntime onnx or "
+                                    r"pip install openvino nncf"),
 ])
 def test_a_missing_runtime_names_the_install(calibration, monkeypatch, missing, backend, match):
     for package in missing:

@@ -29,9 +29,9 @@ import torch
 
 from models import WEIGHTS, create_model
 from utils.cli import DTYPES, batch_size_value, count, device_name, img_size_value, pick_device, positive
-from utils.inference import backends
+from utils.inference import runtimes
 from utils.inference.hardware import cpu_has_native
-from utils.inference.speed import PEERS, Subject, markdown, measure, plot
+from utils.inference.speed import Subject, markdown, measure, plot
 from utils.inference.timing import describe
 
 
@@ -48,9 +48,10 @@ def parse_models(names: list[str]) -> list[str]:
 def pick_peers(device: torch.device) -> list[str]:
     if device.type != "cpu":
         raise ValueError(f"--peers: ONNX Runtime and OpenVINO are measured on the CPU here, not on {device}")
-    peers = [p for p in PEERS if backends.installed(p)]
+    peers = [p for p in runtimes.NAMES if runtimes.installed(p)]
     if not peers:
-        raise ImportError("--peers needs onnxruntime or openvino: " + " or ".join(backends.PEERS.values()))
+        raise ImportError("--peers needs onnxruntime or openvino: "
+                          + " or ".join(map(runtimes.install, runtimes.NAMES)))
     return peers
 
 

@@ -17,7 +17,6 @@ runtime was made from: the ONNX bytes, or the INT8 model, and the new process bu
 from __future__ import annotations
 
 import hashlib
-import importlib
 import logging
 import queue
 import time
@@ -31,29 +30,20 @@ import torch
 from torch import Tensor, nn
 
 from utils.images.tensors import check_input
-from utils.inference import quantize
+from utils.inference import quantize, runtimes
 from utils.inference.fold import fold_batchnorm
 from utils.inference.hardware import check_native, cpu_has_native
 from utils.pickling import Portable
 
 logger = logging.getLogger("semi_supervised_hub")
 
-PEERS = {"onnxruntime": "pip install onnxruntime", "openvino": "pip install openvino"}
 OPENVINO_PRECISION = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 RACED_SHAPES = 64  # "auto" remembers its choice for this many input shapes, then goes by the most frequent
 
 
-def installed(backend: str) -> bool:
-    try:
-        importlib.import_module(backend)
-    except ImportError:
-        return False
-    return True
-
-
 def require(backend: str) -> None:
-    if not installed(backend):
-        raise ImportError(f"backend={backend!r} needs the {backend} package: {PEERS[backend]}")
+    if not runtimes.installed(backend):
+        raise ImportError(f"backend={backend!r} needs the {backend} package: {runtimes.install(backend)}")
 
 
 @dataclass

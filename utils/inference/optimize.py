@@ -17,7 +17,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from utils.inference import backends, fused, quantize
+from utils.inference import backends, fused, quantize, runtimes
 from utils.inference.fold import fold_batchnorm
 from utils.inference.hardware import check_native, cpu_has_native
 from utils.inference.quantize import INT8
@@ -69,15 +69,15 @@ def optimize_for_inference(model: nn.Module, *, backend: str | None = None, dtyp
                          f"{str(dtype).removeprefix('torch.')}")
     device = _device_of(model)
     check_native(dtype, device)
-    if backend in backends.PEERS and device.type != "cpu":
+    if backend in runtimes.NAMES and device.type != "cpu":
         raise ValueError(f"backend={backend!r} runs on the CPU here, but the model is on {device}: "
                          "use backend='torch' on a GPU")
-    if compile and (backend in backends.PEERS or (dtype == INT8 and backend != "auto")):
+    if compile and (backend in runtimes.NAMES or (dtype == INT8 and backend != "auto")):
         raise ValueError("compile=True applies to backend='torch' (or 'auto'), not "
                          + (repr(backend) if backend else "to INT8's runtimes"))
     if dtype == INT8:
         optimized = _int8(model, backend, channels_last, compile, calibration)
-    elif backend in backends.PEERS:
+    elif backend in runtimes.NAMES:
         optimized = _peer(model, backend, dtype)
     elif backend == "auto":
         optimized = backends.AutoModel(_candidates(model, dtype, channels_last, compile, device))
@@ -112,8 +112,8 @@ def _candidates(model: nn.Module, dtype: torch.dtype, channels_last: bool, compi
     """torch, and on the CPU each installed runtime that computes ``dtype``; one that cannot take
     this model is left out with a warning rather than failing the whole call."""
     candidates = {"torch" + suffix: _torch(model, dtype, channels_last, compile)}
-    for backend in backends.PEERS if device.type == "cpu" else ():
-        if not backends.installed(backend) or (backend == "onnxruntime" and dtype != torch.float32):
+    for backend in runtimes.NAMES if device.type == "cpu" else ():
+        if not runtimes.installed(backend) or (backend == "onnxruntime" and dtype != torch.float32):
             continue
         try:
             candidates[backend + suffix] = _peer(model, backend, dtype)
@@ -129,12 +129,12 @@ def _int8(model: nn.Module, backend: str | None, channels_last: bool, compile: b
         raise ValueError("dtype='int8' runs in OpenVINO or ONNX Runtime: use backend=None for the faster one "
                          "installed, 'openvino', 'onnxruntime' or 'auto' (torch's own INT8, PT2E through torchao, ran "
                          "slower than OpenVINO's and compiles for seconds per input shape: see benchmarks/README.md)")
-    runtimes = [backend] if backend in quantize.RUNTIMES else [b for b in quantize.RUNTIMES if quantize.available(b)]
-    if not runtimes:
-        raise ImportError("dtype='int8' needs OpenVINO with NNCF or ONNX Runtime: "
-                          + " or ".join(quantize.INSTALL.values()))
+    chosen = [backend] if backend in runtimes.NAMES else [b for b in runtimes.NAMES if runtimes.installed(b, int8=True)]
+    if not chosen:
+        raise ImportError("dtype='int8' needs ONNX Runtime or OpenVINO with NNCF: "
+                          + " or ".join(runtimes.install(b, int8=True) for b in runtimes.NAMES))
     images = quantize.calibration_images(calibration, model)
-    candidates = {f"{b} int8": _peer(model, b, INT8, images) for b in runtimes}
+    candidates = {f"{b} int8": _peer(model, b, INT8, images) for b in chosen}
     fidelity = {name.split()[0]: candidate.fidelity for name, candidate in candidates.items()}
     if backend == "auto":
         for dtype, suffix in ((torch.float32, ""), (torch.bfloat16, " bfloat16")):

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import importlib
 import logging
 import os
 import sys
@@ -27,12 +26,11 @@ from torch import Tensor, nn
 
 from utils.images.files import find_images
 from utils.images.tensors import MIN_SIZE
+from utils.inference import runtimes
 from utils.inference.compare import relative_error
 from utils.pickling import Portable
 
 INT8 = torch.int8  # the dtype that stands for "quantized to INT8" in optimize_for_inference
-RUNTIMES = {"openvino": ("openvino", "nncf"), "onnxruntime": ("onnxruntime", "onnx")}  # the packages each needs
-INSTALL = {"openvino": "pip install openvino nncf", "onnxruntime": "pip install onnxruntime onnx"}
 MAX_IMAGES = 300  # NNCF's default subset: more images add minutes, not accuracy
 HOLD_OUT = 5  # every fifth image measures fidelity instead of calibrating, from 2 * HOLD_OUT images up
 MISSING = ("dtype='int8' needs calibration=: 50 to 300 images like those the model will see, as a folder, "
@@ -49,18 +47,10 @@ def openvino_core():
     return openvino.Core()
 
 
-def available(backend: str) -> bool:
-    for package in RUNTIMES[backend]:
-        try:
-            importlib.import_module(package)
-        except ImportError:
-            return False
-    return True
-
-
 def require(backend: str) -> None:
-    if not available(backend):
-        raise ImportError(f"INT8 in {backend} needs {' and '.join(RUNTIMES[backend])}: {INSTALL[backend]}")
+    if not runtimes.installed(backend, int8=True):
+        raise ImportError(f"INT8 in {backend} needs {' and '.join(runtimes.packages(backend, int8=True))}: "
+                          f"{runtimes.install(backend, int8=True)}")
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
-from utils.inference import backends, quantize
+from utils.inference import runtimes
 from utils.inference.compare import relative_error
 from utils.inference.hardware import cpu_has_native
 from utils.inference.optimize import DTYPE_NAMES as DTYPES
@@ -21,7 +21,6 @@ from utils.inference.optimize import optimize_for_inference
 from utils.inference.timing import gemm_gflops, matmul_functions, time_interleaved
 
 SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "int8": "int8"}
-PEERS = tuple(backends.PEERS)
 
 
 @dataclass
@@ -57,7 +56,7 @@ class Row:
     def label(self) -> str:
         if self.variant == "eager":
             return "eager fp32"
-        if self.variant in PEERS:
+        if self.variant in runtimes.NAMES:
             return f"{self.variant} {SHORT[self.dtype]}"
         return (f"{self.variant} {SHORT[self.dtype]}" + ("" if self.channels_last else " NCHW")
                 + (" compiled" if self.compiled else ""))
@@ -68,7 +67,7 @@ def variants(dtypes: list[str], compile: bool, peers: list[str]) -> list[tuple[s
     torch_variants = [("optimized", d, c) for d in dtypes if d != "int8"  # INT8 runs in the runtimes
                       for c in ((False, True) if compile else (False,))]
     peer_variants = [(p, d, False) for d in dtypes for p in peers
-                     if (quantize.available(p) if d == "int8" else p != "onnxruntime" or d == "float32")]
+                     if (runtimes.installed(p, int8=True) if d == "int8" else p != "onnxruntime" or d == "float32")]
     auto = [("auto", d, False) for d in dtypes] if peers else []
     return [("eager", "float32", False), *torch_variants, *peer_variants, *auto]
 
@@ -129,8 +128,9 @@ def measure(subjects: list[Subject], make_model: Callable[[str], nn.Module], bat
                                 for path in ("mm", "conv") if f"{path} {d}" in times), default=None)
                         for d in ("float32", *dtypes)}
             baseline = statistics.median(times[runs[0]])
-            fastest_peer = {d: min(statistics.median(times[v]) for v in runs if v[0] in PEERS and v[1] == d)
-                            for d in dtypes if any(v[0] in PEERS and v[1] == d for v in runs)}
+            peer_runs = [v for v in runs if v[0] in runtimes.NAMES]
+            fastest_peer = {d: min(statistics.median(times[v]) for v in peer_runs if v[1] == d)
+                            for d in dtypes if any(v[1] == d for v in peer_runs)}
             floats = [t for d, t in fastest_peer.items() if d != "int8"]
             if "int8" in fastest_peer and floats:  # INT8 is measured against the fastest float peer
                 fastest_peer["int8"] = min(floats)
