@@ -23,7 +23,7 @@ from finetune import tool, write  # benchmarks/finetune.py, which also puts the 
 
 from utils import evaluate
 from utils.inference.hardware import describe_cpu
-from utils.inference.quantize import RUNTIMES
+from utils.inference.runtimes import NAMES as RUNTIMES
 
 
 def score(val: Path, train: Path, weights: Path, backend: str) -> dict:

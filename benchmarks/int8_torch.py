@@ -28,8 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models import create_model  # noqa: E402
 from models.resnet import BasicBlock, Bottleneck  # noqa: E402
+from utils.inference.compare import relative_error  # noqa: E402
 from utils.inference.optimize import optimize_for_inference  # noqa: E402
-from utils.inference.timing import describe, relative_error, time_interleaved  # noqa: E402
+from utils.inference.timing import describe_machine, time_interleaved  # noqa: E402
 
 
 def bottleneck_forward(self, x):
@@ -95,7 +96,7 @@ def main() -> None:
                                  ("torch bf16", "torch", torch.bfloat16)):
         candidates[name] = optimize_for_inference(model, backend=backend, dtype=dtype,
                                                   calibration=calibration if dtype == "int8" else None)
-    print(f"{describe(torch.device('cpu'))}; {args.model}, random weights, median of {args.repeats} rounds\n")
+    print(f"{describe_machine(torch.device('cpu'))}; {args.model}, random weights, median of {args.repeats} rounds\n")
     print("| batch | " + " | ".join(candidates) + " |\n|---:|" + "---:|" * len(candidates))
     for batch_size in args.batch_sizes:
         x = torch.randn(batch_size, 3, 224, 224)

@@ -23,7 +23,7 @@ from models import create_model  # noqa: E402
 from utils import optimize_for_inference  # noqa: E402
 from utils.inference.fused import FusedResNet  # noqa: E402
 from utils.inference.optimize import InferenceModel  # noqa: E402
-from utils.inference.timing import describe, time_interleaved  # noqa: E402
+from utils.inference.timing import describe_machine, time_interleaved  # noqa: E402
 
 
 def steps(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["resnet50_swsl", "resnext50_32x4d_swsl"])
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 16])
     args = parser.parse_args()
-    print(f"{describe(torch.device('cpu'))}; median ms per batch of 7 rounds\n")
+    print(f"{describe_machine(torch.device('cpu'))}; median ms per batch of 7 rounds\n")
     print("| model | batch | step | ms | vs the row above | vs onnxruntime |")
     print("|---|---:|---|---:|---:|---:|")
     for entry in args.models:

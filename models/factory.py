@@ -13,7 +13,7 @@ from torch import nn
 
 from models import finetuned
 from models.registry import ARCHS, MIRROR_ENV, WEIGHTS, WeightSet
-from models.resnet import BLOCKS, STAGES, ResNet, ResNetFeatures
+from models.resnet import BLOCKS, FEATURE_MODULES, ResNet, ResNetFeatures
 from utils.images.preprocess import Preprocess
 from utils.weights import CheckpointError, checkpoint, download
 
@@ -71,7 +71,7 @@ def create_model(entry: str, *, pretrained: bool = True, progress: bool = True,
         head = None if head is None else "new" if new_head else "pretrained"
         skip = ("fc.",) if new_head or features_only else ()
         if features_only:
-            skip += tuple(f"{stage}." for stage in STAGES[max(out_indices) + 1:])
+            skip += tuple(f"{stage}." for stage in FEATURE_MODULES[max(out_indices) + 1:])
         target = f"{entry} ({weight_set.arch.title})"
         try:
             checkpoint.load_into(model, state_dict, origin=origin, target=target, skip=skip)
@@ -214,7 +214,7 @@ def _check_num_classes(num_classes, features_only: bool) -> None:
 def _check_out_indices(out_indices) -> tuple[int, ...]:
     indices = tuple(out_indices) if isinstance(out_indices, Sequence) and not isinstance(out_indices, str) else None
     if (not indices or any(isinstance(i, bool) or not isinstance(i, int) for i in indices)
-            or any(not 0 <= i < len(STAGES) for i in indices) or list(indices) != sorted(set(indices))):
+            or any(not 0 <= i < len(FEATURE_MODULES) for i in indices) or list(indices) != sorted(set(indices))):
         raise ValueError("out_indices must be increasing stage numbers from 0 (stem, stride 2) to 4 "
                          f"(layer4, stride 32), e.g. (1, 2, 3, 4); got {out_indices!r}")
     return indices

@@ -171,7 +171,7 @@ class ResNet(nn.Module, metaclass=Portable):
         """Whether this model computes exactly ``ResNet.forward`` (or ``ResNetFeatures.forward``) with this
         file's blocks, which the fused CPU path of ``optimize_for_inference`` reproduces; a subclass or another
         block may compute something else."""
-        blocks = [b for name in STAGES[1:] if hasattr(self, name) for b in getattr(self, name)]
+        blocks = [b for name in FEATURE_MODULES[1:] if hasattr(self, name) for b in getattr(self, name)]
         return type(self) in (ResNet, ResNetFeatures) and all(type(b) in BLOCKS.values() for b in blocks)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -233,7 +233,7 @@ class ResNet(nn.Module, metaclass=Portable):
         kept = [x] if 0 in keep else []
         x = self.maxpool(x)
         for i in range(1, max(keep) + 1):
-            for block in getattr(self, STAGES[i]):
+            for block in getattr(self, FEATURE_MODULES[i]):
                 x = _checkpoint(block, block, x)
             if i in keep:
                 kept.append(x)
@@ -264,7 +264,7 @@ def _running_statistics_left_alone(module: nn.Module):
                 b.copy_(k)
 
 
-STAGES = ("relu", "layer1", "layer2", "layer3", "layer4")  # out_indices 0..4: strides 2, 4, 8, 16, 32
+FEATURE_MODULES = ("relu", "layer1", "layer2", "layer3", "layer4")  # whose outputs are out_indices 0..4: strides 2-32
 
 
 class ResNetFeatures(ResNet):
@@ -284,9 +284,9 @@ class ResNetFeatures(ResNet):
         reductions = [2, 4]  # the stem, then layer1 after the max-pool
         for dilated in kwargs.get("replace_stride_with_dilation") or (False, False, False):
             reductions.append(reductions[-1] * (1 if dilated else 2))
-        self.feature_info = [{"module": STAGES[i], "num_chs": channels[i], "reduction": reductions[i]}
+        self.feature_info = [{"module": FEATURE_MODULES[i], "num_chs": channels[i], "reduction": reductions[i]}
                              for i in self.out_indices]
-        for name in STAGES[max(self.out_indices) + 1:]:
+        for name in FEATURE_MODULES[max(self.out_indices) + 1:]:
             delattr(self, name)
         del self.avgpool, self.fc
 

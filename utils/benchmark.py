@@ -28,11 +28,11 @@ from dataclasses import asdict
 import torch
 
 from models import WEIGHTS, create_model
-from utils.cli import DTYPES, batch_size_value, count, device_name, img_size_value, pick_device, positive
+from utils.cli import DTYPE_NAMES, batch_size_value, count, device_name, img_size_value, pick_device, positive
 from utils.inference import runtimes
 from utils.inference.hardware import cpu_has_native
 from utils.inference.speed import Subject, markdown, measure, plot
-from utils.inference.timing import describe
+from utils.inference.timing import describe_machine
 
 
 def parse_models(names: list[str]) -> list[str]:
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="entries to measure, or all (default: resnet50_swsl)")
     parser.add_argument("--batch-sizes", nargs="+", type=batch_size_value, default=[1, 16], metavar="N",
                         help="default: 1 (latency) and 16 (throughput)")
-    parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=["float32"],
+    parser.add_argument("--dtype", nargs="+", choices=list(DTYPE_NAMES), default=["float32"],
                         help="precisions of the optimised model (default float32); int8 (CPU) measures the INT8 "
                              "runtimes beside the float ones (--peers), calibrated on random inputs like those timed")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, ImportError) as e:  # a device, precision or runtime this machine does not have
         print(f"error: {e}", file=sys.stderr)
         return 2
-    machine = describe(device)
+    machine = describe_machine(device)
     if args.json:
         for row in rows:
             print(json.dumps({**asdict(row), "device": machine}))

@@ -17,8 +17,7 @@ from utils.images.preprocess import Preprocess
 from utils.images.tensors import MIN_SIZE
 from utils.inference.distributed import give_up
 from utils.inference.hardware import check_native
-from utils.inference.optimize import BACKENDS, optimize_for_inference
-from utils.inference.optimize import DTYPE_NAMES as DTYPES
+from utils.inference.optimize import BACKENDS, DTYPE_NAMES, optimize_for_inference
 from utils.weights import download
 
 DEFAULT_ENTRY = "resnet50_swsl"
@@ -40,7 +39,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, batch_size: int) -> Non
                              "at most 8)")
     parser.add_argument("--device", type=device_name, default="auto",
                         help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="float32",
+    parser.add_argument("--dtype", choices=list(DTYPE_NAMES), default="float32",
                         help="precision to run the model in: bfloat16 is about twice as fast on CPUs and GPUs "
                              "that have it; int8 (CPU, with --calibration) faster still (default float32)")
     parser.add_argument("--calibration", nargs="+", metavar="IMAGES",
@@ -205,7 +204,7 @@ def in_command_terms(error: Exception) -> str:
 def check_dtype(args: argparse.Namespace, device: torch.device) -> None:
     """``--dtype`` (and ``--calibration``), refused before any loading where ``device`` would only emulate
     it, or where INT8 has no calibration images."""
-    check_native(DTYPES[args.dtype], device, fallback="--dtype float32")
+    check_native(DTYPE_NAMES[args.dtype], device, fallback="--dtype float32")
     if args.dtype == "int8" and not args.calibration:
         raise ValueError("--dtype int8 needs --calibration IMAGES: 50 to 300 images like those the model will see, "
                          "which set the INT8 ranges")
@@ -220,7 +219,7 @@ def load_model(entry: str, weights: str | None, device: torch.device, num_classe
     the ``calibration`` images); random weights without ``pretrained``; ``img_size`` for weights that do
     not say theirs."""
     model = eager_model(entry, weights, device, num_classes, pretrained, img_size)
-    return optimize_for_inference(model, backend=backend, dtype=DTYPES[dtype], calibration=calibration)
+    return optimize_for_inference(model, backend=backend, dtype=DTYPE_NAMES[dtype], calibration=calibration)
 
 
 def eager_model(entry: str, weights: str | None, device: torch.device, num_classes: int | None = None,

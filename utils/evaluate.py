@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from models import WEIGHTS
 from utils.cli import (
-    DTYPES,
+    DTYPE_NAMES,
     NO_PRETRAINED,
     Parser,
     add_model_arguments,
@@ -137,7 +137,7 @@ def evaluate(args: argparse.Namespace) -> int:
             check_together()  # the first process loads (and downloads) first; the others read the cache
         eager = eager_model(args.model, args.weights, device, num_classes=args.num_classes,
                             pretrained=not args.no_pretrained, img_size=args.img_size)
-        model = optimize_for_inference(eager, backend=args.backend, dtype=DTYPES[args.dtype],
+        model = optimize_for_inference(eager, backend=args.backend, dtype=DTYPE_NAMES[args.dtype],
                                        calibration=args.calibration)
         # INT8 is reported beside float32 on the same images, both made from the one loaded model.
         models = [model, optimize_for_inference(eager)] if args.dtype == "int8" else [model]

@@ -22,8 +22,8 @@ from utils.inference.fold import fold_batchnorm
 from utils.inference.hardware import check_native, cpu_has_native
 from utils.inference.quantize import INT8
 
-DTYPES = {None: torch.float32, torch.float32: torch.float32, torch.bfloat16: torch.bfloat16,
-          torch.float16: torch.float16, INT8: INT8, "int8": INT8}
+DTYPE_ARGUMENTS = {None: torch.float32, torch.float32: torch.float32, torch.bfloat16: torch.bfloat16,
+                   torch.float16: torch.float16, INT8: INT8, "int8": INT8}
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
                "int8": INT8}  # the commands' --dtype
 BACKENDS = ("torch", "onnxruntime", "openvino", "auto")
@@ -58,12 +58,12 @@ def optimize_for_inference(model: nn.Module, *, backend: str | None = None, dtyp
         raise TypeError(f"optimize_for_inference expects a torch.nn.Module, got {type(model).__name__}")
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
-    if not isinstance(dtype, (torch.dtype, str, type(None))) or dtype not in DTYPES:
+    if not isinstance(dtype, (torch.dtype, str, type(None))) or dtype not in DTYPE_ARGUMENTS:
         raise ValueError(f"dtype must be None, torch.float32, torch.bfloat16, torch.float16 or 'int8', got {dtype!r}")
     for name, flag in (("channels_last", channels_last), ("compile", compile)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be True or False, got {flag!r}")
-    dtype = DTYPES[dtype]
+    dtype = DTYPE_ARGUMENTS[dtype]
     if calibration is not None and dtype != INT8:
         raise ValueError("calibration= is for dtype='int8' (it sets the INT8 ranges): leave it out for "
                          f"{str(dtype).removeprefix('torch.')}")

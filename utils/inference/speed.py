@@ -16,8 +16,7 @@ from tqdm import tqdm
 from utils.inference import runtimes
 from utils.inference.compare import relative_error
 from utils.inference.hardware import cpu_has_native
-from utils.inference.optimize import DTYPE_NAMES as DTYPES
-from utils.inference.optimize import optimize_for_inference
+from utils.inference.optimize import DTYPE_NAMES, optimize_for_inference
 from utils.inference.timing import gemm_gflops, matmul_functions, time_interleaved
 
 SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "int8": "int8"}
@@ -80,7 +79,7 @@ def build(eager: torch.nn.Module, variant: str, dtype: str, compiled: bool, chan
     # INT8's ranges from inputs like the timed ones (random: so are the weights), so its error is in range.
     calibration = torch.randn(16, 3, img_size, img_size, generator=torch.Generator().manual_seed(0)) \
         if dtype == "int8" else None
-    return optimize_for_inference(eager, backend=backend, dtype=DTYPES[dtype], channels_last=channels_last,
+    return optimize_for_inference(eager, backend=backend, dtype=DTYPE_NAMES[dtype], channels_last=channels_last,
                                   compile=compiled, calibration=calibration)
 
 
@@ -92,7 +91,7 @@ def measure(subjects: list[Subject], make_model: Callable[[str], nn.Module], bat
     matrix multiplies that give the ceiling."""
     # The matrix multiplies run in the same rounds as the models, so that they see the same machine.
     matmuls = {f"{path} {name}": f for name in ceiling_dtypes(dtypes, device)
-               for path, f in matmul_functions(device, DTYPES[name]).items()}
+               for path, f in matmul_functions(device, DTYPE_NAMES[name]).items()}
     gmacs = {}
     runs = variants(dtypes, compile, list(peers))
     timed: dict[tuple[str, int], dict[tuple, list[float]]] = {}

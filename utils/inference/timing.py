@@ -55,7 +55,7 @@ def gemm_gflops(device: torch.device, seconds: float) -> float:
     return 2 * MATMUL_SIZE[device.type == "cpu"] ** 3 / seconds / 1e9
 
 
-def describe(device: torch.device) -> str:
+def describe_machine(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
     # The allocator matters on CPU: see benchmarks/README.md.

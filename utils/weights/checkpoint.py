@@ -124,14 +124,14 @@ def check_format(path: Path, origin: str, received: bool = False) -> bool:
         return True
     if head.startswith(LEGACY_MAGIC):
         return False
-    what = describe(head, path.stat().st_size)
+    what = file_kind(head, path.stat().st_size)
     hint = " (a login or error page in place of the file?). Nothing was cached; check the URL" if received else (
         f". Remove it with {clear_command(path)}" if in_cache(path) else
         ": give a file written by torch.save(model.state_dict(), ...)")
     raise CheckpointError(f"{origin} is not a PyTorch checkpoint: it holds {what}{hint}")
 
 
-def describe(head: bytes, size: int) -> str:
+def file_kind(head: bytes, size: int) -> str:
     """What the bytes that start a file of ``size`` bytes look like, for an error message."""
     amount = f"{size / 1000:.1f} kB" if size >= 1000 else f"{size} bytes"
     text = head.lstrip().lower()
