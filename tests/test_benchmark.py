@@ -9,7 +9,7 @@ import torch
 
 from models import WEIGHTS, create_model
 from utils import benchmark
-from utils.inference import hardware, speed, timing
+from utils.inference import hardware, speed_table, timing
 
 CPU = torch.device("cpu")
 
@@ -41,8 +41,9 @@ def test_json_rows_are_consistent(capsys, tmp_path):
         (e, b, v) for e in ("resnet18_ssl", "resnet18_swsl") for b in (1, 2) for v in ("eager", "optimized")]
     # ResNet-18's work is all in its convolutions and head: at 64 px about (64/224)^2 of 224's, plus the head.
     gmacs = WEIGHTS["resnet18_ssl"].arch.gmacs
-    assert speed.count_gmacs(create_model("resnet18_ssl", pretrained=False), 224, CPU) == pytest.approx(gmacs, abs=5e-4)
-    at_64 = speed.count_gmacs(create_model("resnet18_ssl", pretrained=False), IMG_SIZE, CPU)
+    model = create_model("resnet18_ssl", pretrained=False)
+    assert speed_table.count_gmacs(model, 224, CPU) == pytest.approx(gmacs, abs=5e-4)
+    at_64 = speed_table.count_gmacs(model, IMG_SIZE, CPU)
     assert gmacs * (IMG_SIZE / 224) ** 2 < at_64 < 1.1 * gmacs * (IMG_SIZE / 224) ** 2
     for r in rows:
         assert r["images_per_second"] == pytest.approx(r["batch_size"] / r["ms_per_batch"] * 1e3)
@@ -115,8 +116,8 @@ def test_a_plot_path_that_is_a_folder_is_refused_before_measuring(tmp_path, caps
 def test_an_int8_matmul_ceiling_is_measured_only_where_the_cpu_has_8_bit_dot_products(monkeypatch, flags,
                                                                                      int8_ceiling):
     monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset(flags))
-    assert speed.ceiling_dtypes(["float32", "int8"], CPU) == ["float32", "int8"][:1 + int8_ceiling]
-    assert speed.ceiling_dtypes(["int8"], torch.device("cuda")) == ["float32"]
+    assert speed_table.ceiling_dtypes(["float32", "int8"], CPU) == ["float32", "int8"][:1 + int8_ceiling]
+    assert speed_table.ceiling_dtypes(["int8"], torch.device("cuda")) == ["float32"]
 
 
 def test_int8_rows_stand_beside_the_float_peers_and_are_measured_against_the_fastest(capsys, monkeypatch):

@@ -31,7 +31,7 @@ from models import WEIGHTS, create_model
 from utils.cli import DTYPE_NAMES, batch_size_value, count, device_name, img_size_value, pick_device, positive
 from utils.inference import runtimes
 from utils.inference.hardware import cpu_has_native
-from utils.inference.speed import Subject, markdown, measure, plot
+from utils.inference.speed_table import Subject, markdown, measure, plot
 from utils.inference.timing import describe_machine
 
 

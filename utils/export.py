@@ -1,13 +1,11 @@
-"""Export a model to TorchScript, torch.export or ONNX, and check the file against the eager model.
+"""Write a model of this repository to a file that other tools run (TorchScript, torch.export, ONNX), checked.
 
     python -m utils.export OUTPUT [--model ENTRY] [--weights FILE_OR_URL] [--num-classes N] [--features-only]
     python -m utils.export OUTPUT --weights OUT/best.pth   # fine-tuned: its entry, head and size
 
-The format follows OUTPUT's suffix: ``.pt`` (TorchScript, for C++ and torch.jit.load), ``.pt2``
-(torch.export, for torch.export.load and AOTInductor) or ``.onnx`` (ONNX, for onnxruntime, TensorRT,
-OpenVINO). Batch size, height and width stay free in the exported graph. After writing, the file is
-loaded back and run on the bundled sample photos; the command fails if its outputs differ from the
-eager model's by more than the tolerance. The library behind it is utils/inference/export.py.
+OUTPUT's suffix picks the format (``.pt``, ``.pt2`` or ``.onnx``: the library, utils/inference/export.py,
+says what each is for). Before the file takes OUTPUT's place, it is loaded back and run on the bundled
+sample photos beside the eager model: the command fails, leaving what was there, if they differ.
 """
 from __future__ import annotations
 
