@@ -121,11 +121,6 @@ def _read_records() -> dict:
             and isinstance(v.get("sha256"), str)}
 
 
-def verified_records() -> dict:
-    """The files verified so far, by path: {"stat": [...], "sha256": ...} each."""
-    return _read_records()
-
-
 def _write_records(records: dict) -> None:
     # Written whole and renamed into place. Two processes writing at once may lose one record:
     # that costs one more hash, never a wrong answer.

@@ -152,18 +152,14 @@ def file_kind(head: bytes, size: int) -> str:
         return f"{amount} of data that is neither of torch.save's formats"
 
 
-def load_state_dict(path: Path, origin: str | None = None) -> dict[str, Tensor]:
-    """The state dict in ``path``, legacy (pre-1.6) or zip format, loaded with ``weights_only=True``.
-
-    Training checkpoints that keep it under "state_dict" or "model", and keys saved with a DataParallel
-    "module." prefix, are unwrapped. Tensors must be dense, real and finite.
-    """
-    return load_checkpoint(path, origin)[0]
-
-
 def load_checkpoint(path: Path, origin: str | None = None) -> tuple[dict[str, Tensor], object]:
-    """``load_state_dict``'s state dict, and what the file says of itself beside it under
-    "pretrained_cfg" (a fine-tuned file's description; None if there is none), unchecked."""
+    """The state dict in ``path``, legacy (pre-1.6) or zip format, loaded with ``weights_only=True``, and
+    what the file says of itself beside it under "pretrained_cfg" (a fine-tuned file's description; None
+    if there is none), unchecked.
+
+    Training checkpoints that keep the state dict under "state_dict" or "model", and keys saved with a
+    DataParallel "module." prefix, are unwrapped. Tensors must be dense, real and finite.
+    """
     origin = origin or str(path)
     cached = in_cache(path)
     is_zip = check_format(path, origin)
