@@ -11,6 +11,7 @@ import re
 from collections.abc import Sequence
 
 from models.registry import INTERPOLATION, WEIGHTS, resize_size
+from utils.text import first
 from utils.weights.checkpoint import DESCRIPTION as KEY  # where checkpoint loading finds the description
 
 
@@ -115,6 +116,6 @@ def _short(value) -> str:
 def summary(description: dict) -> str:
     """``resnet18_ssl with a 10-class head (0, 1, 2, ...) at 32 px``: what the file holds, in a few words."""
     classes = description["classes"]
-    shown = ", ".join(classes[:3]) + (", ..." if len(classes) > 3 else "")
-    return (f"a fine-tuned {description['entry']} with a {description['num_classes']}-class head ({shown}) "
+    return (f"a fine-tuned {description['entry']} with a {description['num_classes']}-class head "
+            f"({first(classes, 3)}) "
             f"at {description['input_size'][-1]} px")

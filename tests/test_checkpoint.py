@@ -178,8 +178,11 @@ def test_checkpoint_of_another_architecture_names_the_entries_it_fits(resnet18_c
     del state_dict["layer4.1.bn2.running_var"]
     torch.save(state_dict, tmp_path / "partial.pth")
     match = r"does not fit resnet50_ssl \(ResNet-50\): missing keys \(199\).*wrong shapes \(24\).*same architecture$"
-    with pytest.raises(CheckpointError, match=match):
+    with pytest.raises(CheckpointError, match=match) as error:
         create_model("resnet50_ssl", weights=tmp_path / "partial.pth")
+    # 199 missing keys are shown by their first 8, then "...": one line a reader takes in.
+    missing = str(error.value).split("missing keys (199): ", 1)[1].split(";", 1)[0]
+    assert missing.endswith(", ...") and len(missing.split(", ")) == 9, missing
 
 
 def test_damaged_cached_file_names_the_file_and_the_remedy(resnet18_checkpoint, torch_home):

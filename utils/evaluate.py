@@ -46,6 +46,7 @@ from utils.images.preprocess import Preprocess
 from utils.inference.accuracy import count_correct
 from utils.inference.distributed import Stopped, check_together, give_up, start
 from utils.inference.optimize import optimize_for_inference
+from utils.text import first
 from utils.weights import CheckpointError
 
 
@@ -63,15 +64,13 @@ def image_folder(root: Path, num_classes: int | None, classes: list[str] | None 
         unknown = [d.name for d in folders if d.name not in index]
         if unknown:
             raise ValueError(f"{root}: {len(unknown)} folder(s) are not classes of --weights "
-                             f"({', '.join(unknown[:5])}{', ...' if len(unknown) > 5 else ''}); its classes are "
-                             f"{', '.join(classes[:8])}{', ...' if len(classes) > 8 else ''}")
+                             f"({first(unknown)}); its classes are {first(classes, 8)}")
         labels = [index[d.name] for d in folders]
     elif num_classes is None:
         index = {wnid: i for i, wnid in enumerate(wordnet_ids())}
         unknown = [d.name for d in folders if d.name not in index]
         if unknown:
-            listed = ", ".join(unknown[:5]) + (", ..." if len(unknown) > 5 else "")
-            raise ValueError(f"{root}: {len(unknown)} folder(s) are not ImageNet-1k WordNet ids ({listed}). "
+            raise ValueError(f"{root}: {len(unknown)} folder(s) are not ImageNet-1k WordNet ids ({first(unknown)}). "
                              "Name each class folder by its WordNet id "
                              "(e.g. n01440764), or pass --num-classes N and --weights for a model of your own classes")
         labels = [index[d.name] for d in folders]

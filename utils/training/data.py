@@ -16,6 +16,7 @@ from tqdm import tqdm
 from models.finetuned import class_name_ok
 from utils.images.decode import IMAGE_SUFFIXES
 from utils.images.files import class_dirs
+from utils.text import first
 from utils.training import FinetuneError
 
 # Images this small (median pixels) decode faster in the main process than through worker processes.
@@ -44,7 +45,7 @@ def class_folders(root: Path, what: str) -> tuple[list[str], list[tuple[Path, in
             empty.append(folder.name)
     if empty:
         raise FinetuneError(f"{what} {root}: {len(empty)} class folder(s) have no images "
-                            f"({', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}); "
+                            f"({first(empty)}); "
                             f"add images ({', '.join(IMAGE_SUFFIXES)}) or remove the folder(s)")
     return [d.name for d in folders], samples
 
@@ -82,8 +83,8 @@ def check_readable(samples: list[tuple[Path, int]]) -> list[int]:
         except Exception as e:  # noqa: BLE001  (PIL raises many types for damaged files)
             bad.append(f"{path} ({type(e).__name__})")
     if bad:
-        raise FinetuneError(f"{len(bad)} unreadable image(s), the run stops: {'; '.join(bad[:5])}"
-                            f"{'; ...' if len(bad) > 5 else ''}. Remove or replace them and run again")
+        raise FinetuneError(f"{len(bad)} unreadable image(s), the run stops: {first(bad, sep='; ')}. "
+                            "Remove or replace them and run again")
     return areas
 
 

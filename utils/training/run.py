@@ -16,6 +16,7 @@ from models import finetuned
 from utils.images.preprocess import Preprocess
 from utils.inference.distributed import Context, start
 from utils.inference.hardware import check_native
+from utils.text import first
 from utils.training import FinetuneError
 from utils.training.augment import AUGMENTATIONS, Augment
 from utils.training.data import Images, auto_workers, check_readable, class_folders, split
@@ -45,13 +46,13 @@ def run(args: argparse.Namespace, device: torch.device) -> int:
         raise FinetuneError(f"TRAIN_DIR {args.train} has a single class folder ({classes[0]}): a classifier needs "
                             "at least two classes")
     if state is not None and state["classes"] != classes:
-        raise FinetuneError(f"--resume {args.resume} was trained on the classes {state['classes'][:5]}..., "
-                            f"TRAIN_DIR has {classes[:5]}...: resume with the same TRAIN_DIR")
+        raise FinetuneError(f"--resume {args.resume} was trained on the classes {first(state['classes'])}, "
+                            f"TRAIN_DIR has {first(classes)}: resume with the same TRAIN_DIR")
     if args.val is not None:
         val_classes, val = class_folders(args.val, "--val")
         if val_classes != classes:
-            raise FinetuneError(f"--val {args.val} has the classes {val_classes[:5]}..., TRAIN_DIR has "
-                                f"{classes[:5]}...: give both the same class folders")
+            raise FinetuneError(f"--val {args.val} has the classes {first(val_classes)}, TRAIN_DIR has "
+                                f"{first(classes)}: give both the same class folders")
         train = samples
     else:
         train, val = split(samples, args.val_fraction, args.seed)

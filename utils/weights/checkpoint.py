@@ -22,6 +22,7 @@ from urllib.request import url2pathname
 import torch
 from torch import Tensor, nn
 
+from utils.text import first
 from utils.weights import CheckpointError, download
 from utils.weights.cache import (
     cache_dir,
@@ -259,7 +260,7 @@ def load_into(model: nn.Module, state_dict: dict[str, Tensor], *, origin: str, t
     types = sorted(f"{k}: {state_dict[k].dtype} in the file" for k in common
                    if state_dict[k].is_floating_point() != expected[k].is_floating_point())
     if missing or unexpected or shapes or types:
-        problems = [f"{label} ({len(keys)}): {', '.join(keys[:8])}{', ...' if len(keys) > 8 else ''}"
+        problems = [f"{label} ({len(keys)}): {first(keys, 8)}"
                     for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
                                         ("wrong shapes", shapes), ("wrong types", types)) if keys]
         raise CheckpointError(f"{origin} does not fit {target}: " + "; ".join(problems) + _fit_remedy(
@@ -267,7 +268,7 @@ def load_into(model: nn.Module, state_dict: dict[str, Tensor], *, origin: str, t
     model.load_state_dict(state_dict, strict=False, assign=True)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta and not n.startswith(skip)]
     if left:
-        raise CheckpointError(f"{origin} left {', '.join(left[:8])} uninitialised (not saved in a state dict)")
+        raise CheckpointError(f"{origin} left {first(left, 8)} uninitialised (not saved in a state dict)")
 
 
 def _fit_remedy(missing, unexpected, shapes, types, state_dict) -> str:
