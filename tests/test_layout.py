@@ -17,7 +17,7 @@ LAYERS = (
     ("models",),  # architectures, the registry, building a model and loading its weights
     ("utils.inference",),  # fast inference and export of any ResNet of torchvision's layout
     ("utils.images", "utils.weights"),  # images in, tensors out; fetching and verifying checkpoints
-    ("utils.pickling", "utils.text"),  # how the objects cross into other processes; how messages list things
+    ("utils.pickling", "utils.replace", "utils.text"),  # crossing processes; whole files; listing in messages
 )
 PACKAGES = ("models", "utils")
 

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from utils.images.samples import sample_photos
 from utils.inference.compare import relative_error
+from utils.replace import replacing
 
 FORMATS = {".pt": "torchscript", ".pt2": "torch.export", ".onnx": "onnx"}
 TOLERANCE = 1e-4  # largest output difference, relative to the largest output
@@ -43,27 +44,22 @@ def export(model: nn.Module, path: str | os.PathLike, verify: Callable[[Path], o
     example = torch.randn(2, 3, 64, 64)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Written beside it and renamed: a failed export leaves whatever was at ``path`` as it was.
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial{path.suffix}")
-    try:
-        with torch.no_grad():
-            if kind == "torchscript":
-                # Tracing records the ResNet's fixed sequence of operations; shapes stay symbolic.
-                with _torchscript():
-                    torch.jit.save(torch.jit.trace(model, example, strict=False), partial)
-            elif kind == "torch.export":
-                torch.export.save(torch.export.export(model, (example,), dynamic_shapes=_dynamic_shapes()), partial)
-            else:
-                _export_onnx(model, example, partial)
+    with replacing(path, path.with_name(f".{path.name}.{os.getpid()}.partial{path.suffix}")) as partial, \
+            torch.no_grad():
+        if kind == "torchscript":
+            # Tracing records the ResNet's fixed sequence of operations; shapes stay symbolic.
+            with _torchscript():
+                torch.jit.save(torch.jit.trace(model, example, strict=False), partial)
+        elif kind == "torch.export":
+            torch.export.save(torch.export.export(model, (example,), dynamic_shapes=_dynamic_shapes()), partial)
+        else:
+            _export_onnx(model, example, partial)
         if verify is not None:
             try:
                 verify(partial)
             except ExportError as e:  # named as the file it was to become
                 kept = "was left as it was" if path.exists() else "was not written"
                 raise ExportError(f"{str(e).replace(str(partial), str(path))}; {path} {kept}") from None
-        os.replace(partial, path)
-    finally:
-        with contextlib.suppress(OSError):  # a folder that cannot be written: the error above says so
-            partial.unlink(missing_ok=True)
     return path
 
 

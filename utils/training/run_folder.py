@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import os
 import re
 import shutil
 import uuid
 from pathlib import Path
 
 import torch
+
+from utils.replace import Keep, replacing
 
 RUN_FILES = ("last.pth", "best.pth", "metrics.jsonl", "classes.txt", "curves.png")
 LOCK = ".lock"
@@ -106,15 +107,12 @@ class RunFolder:
 
     def _write(self, name: str, write) -> None:
         path = self.path / name
-        tmp = path.with_name(f".{name}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}")
         try:
-            if write(tmp) is not False:  # False: nothing to write
-                os.replace(tmp, path)
+            with replacing(path, path.with_name(f".{name}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}")) as tmp:
+                if write(tmp) is False:
+                    raise Keep
         except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
             raise self._failed(name, e) from None
-        finally:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
 
     def _failed(self, name: str, error: Exception) -> RunFolderError:
         reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 import torch
 
+from utils.replace import replacing
 from utils.weights import CheckpointError, download
 
 # "name-0123abcd.pth": the hex digits are the start of the file's SHA-256 (torch.hub's convention).
@@ -125,14 +126,10 @@ def _write_records(records: dict) -> None:
     # Written whole and renamed into place. Two processes writing at once may lose one record:
     # that costs one more hash, never a wrong answer.
     records = {k: v for k, v in records.items() if os.path.exists(k)}
-    tmp = cache_dir() / f"{RECORDS}.{uuid.uuid4().hex}.tmp"
-    try:
+    with contextlib.suppress(OSError):  # a read-only cache: the file is hashed again next time
         cache_dir().mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(records))
-        os.replace(tmp, cache_dir() / RECORDS)
-    except OSError:  # a read-only cache: the file is hashed again next time
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
+        with replacing(cache_dir() / RECORDS, cache_dir() / f"{RECORDS}.{uuid.uuid4().hex}.tmp") as tmp:
+            tmp.write_text(json.dumps(records))
 
 
 def from_urls(published: set[str]) -> list[Path]:

@@ -22,6 +22,7 @@ from urllib.request import url2pathname
 import torch
 from torch import Tensor, nn
 
+from utils.replace import replacing
 from utils.text import first
 from utils.weights import CheckpointError, download
 from utils.weights.cache import (
@@ -83,20 +84,17 @@ def fetch(url: str, *, expected_hash: str | None = None, progress: bool = True, 
         # by a killed download are stale.
         for stale in path.parent.glob(f".{glob.escape(path.name)}.*.partial"):
             stale.unlink(missing_ok=True)
-        partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
         sys.stderr.write(f'Downloading: "{url}" to {path}\n')
-        try:
-            download.download(url, partial, progress=progress)
-            check_format(partial, url, received=True)
-            digest = check_hash(partial, expected_hash, url, cached=False) if expected_hash else None
-            os.replace(partial, path)  # atomic: readers see the whole verified file or none
+        try:  # readers see the whole verified file or none
+            with replacing(path, path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")) as partial:
+                download.download(url, partial, progress=progress)
+                check_format(partial, url, received=True)
+                digest = check_hash(partial, expected_hash, url, cached=False) if expected_hash else None
         except OSError as e:
             raise CheckpointError(f"could not download {url}: {e}. Nothing was cached; try again when the network "
                                   f"is there{remedy}, or download the file yourself and pass weights=<its path>; "
                                   "to try the code without the weights, pass pretrained=False (--no-pretrained "
                                   "on the command line)") from e
-        finally:
-            partial.unlink(missing_ok=True)
         if digest:
             record(path, digest, url=url)  # under its final name: the next load does not hash it again
     return path
