@@ -28,7 +28,17 @@ from dataclasses import asdict
 import torch
 
 from models import WEIGHTS, create_model
-from utils.cli import DTYPE_NAMES, batch_size_value, count, device_name, img_size_value, pick_device, positive
+from utils.cli import (
+    CANNOT_RUN,
+    DTYPE_NAMES,
+    batch_size_value,
+    count,
+    device_name,
+    error_line,
+    img_size_value,
+    pick_device,
+    positive,
+)
 from utils.inference import runtimes
 from utils.inference.hardware import cpu_has_native
 from utils.inference.speed_table import Subject, markdown, measure, plot
@@ -124,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = measure(subjects, lambda entry: create_model(entry, pretrained=False), args.batch_sizes, dtypes,
                        args.channels_last, args.compile, device, args.warmup, args.repeats, peers=peers,
                        img_size=args.img_size)
-    except (ValueError, ImportError) as e:  # a device, precision or runtime this machine does not have
-        print(f"error: {e}", file=sys.stderr)
+    except CANNOT_RUN as e:  # e.g. a device, precision or runtime this machine does not have
+        print(error_line(e), file=sys.stderr)
         return 2
     machine = describe_machine(device)
     if args.json:

@@ -19,12 +19,13 @@ import torch
 from tqdm import tqdm
 
 from utils.cli import (
+    CANNOT_RUN,
     NO_PRETRAINED,
     add_model_arguments,
     check_dtype,
     contradiction,
     describe_weights,
-    in_command_terms,
+    error_line,
     load_model,
     pick_device,
     positive,
@@ -32,7 +33,6 @@ from utils.cli import (
 from utils.images.dataset import ImageFiles, batches
 from utils.images.files import find_images
 from utils.images.samples import sample_photos
-from utils.weights import CheckpointError
 
 
 def read_classes(path: Path) -> list[str]:
@@ -83,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         if own and model.pretrained_cfg["head"] != "pretrained":
             raise ValueError(f"--weights {args.weights} has no trained {len(own)}-class head for --classes "
                              f"{args.classes}: give the best.pth of the same fine-tuning run")
-    except (ValueError, FileNotFoundError, CheckpointError, ImportError) as e:
-        print(f"error: {in_command_terms(e)}", file=sys.stderr)
+    except CANNOT_RUN as e:
+        print(error_line(e), file=sys.stderr)
         return 2
     classes, wnids = own or model.pretrained_cfg["classes"], None if own else model.pretrained_cfg["wnids"]
     topk = min(args.topk, len(classes))

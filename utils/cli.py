@@ -18,7 +18,7 @@ from utils.images.tensors import MIN_SIZE
 from utils.inference.distributed import give_up
 from utils.inference.hardware import check_native
 from utils.inference.optimize import BACKENDS, DTYPE_NAMES, optimize_for_inference
-from utils.weights import download
+from utils.weights import CheckpointError, download
 
 DEFAULT_ENTRY = "resnet50_swsl"
 
@@ -189,6 +189,15 @@ def pick_device(name: str, backend: str | None = "torch", dtype: str = "float32"
         return torch.device(device_name(name))
     except argparse.ArgumentTypeError as e:
         raise ValueError(f"--device {e}") from None
+
+
+# What a command cannot run with: a bad value, weights or files that are missing or unusable, a runtime
+# that is not installed. Each is one line, "error: ...", and exit status 2.
+CANNOT_RUN = (ValueError, FileNotFoundError, ImportError, CheckpointError)
+
+
+def error_line(error: Exception) -> str:
+    return f"error: {in_command_terms(error)}"
 
 
 def in_command_terms(error: Exception) -> str:

@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from models import WEIGHTS
 from utils.cli import (
+    CANNOT_RUN,
     DTYPE_NAMES,
     NO_PRETRAINED,
     Parser,
@@ -34,7 +35,7 @@ from utils.cli import (
     contradiction,
     describe_weights,
     eager_model,
-    in_command_terms,
+    error_line,
     input_config,
     pick_device,
     positive,
@@ -47,7 +48,6 @@ from utils.inference.accuracy import count_correct
 from utils.inference.distributed import Stopped, check_together, give_up, start
 from utils.inference.optimize import optimize_for_inference
 from utils.text import first
-from utils.weights import CheckpointError
 
 
 def image_folder(root: Path, num_classes: int | None, classes: list[str] | None = None) -> list[tuple[Path, int]]:
@@ -106,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         return e.code
     except ImageError as e:
         return give_up(1, f"error: {e}; accuracy needs every image: remove or replace it")
-    except (ValueError, FileNotFoundError, CheckpointError, ImportError) as e:
-        return give_up(2, f"error: {in_command_terms(e)}")
+    except CANNOT_RUN as e:
+        return give_up(2, error_line(e))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -16,11 +16,19 @@ from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
 from models import WEIGHTS, create_model
-from utils.cli import NO_PRETRAINED, add_entry_arguments, describe_weights, in_command_terms, positive, set_input_size
+from utils.cli import (
+    CANNOT_RUN,
+    NO_PRETRAINED,
+    add_entry_arguments,
+    describe_weights,
+    error_line,
+    positive,
+    set_input_size,
+)
 
 # The library, also under this module's name (utils.export.export(model, path), utils.export.check(...)).
 from utils.inference.export import FORMATS, ExportError, check, export, load, sample_batch  # noqa: F401, I001
-from utils.weights import CheckpointError, download
+from utils.weights import download
 
 
 def local_weights(weights: str | None) -> Path | None:
@@ -61,15 +69,15 @@ def main(argv: list[str] | None = None) -> int:
         # Checked before it replaces what is at OUTPUT: a file that fails the check never takes its place.
         path = export(model, args.output, verify=lambda written: errors.append(check(model, written, batch)))
         error = errors[0]
-    except (ValueError, FileNotFoundError, CheckpointError) as e:
-        print(f"error: {in_command_terms(e)}", file=sys.stderr)
+    except CANNOT_RUN as e:
+        print(error_line(e), file=sys.stderr)
         return 2
     except OSError as e:  # the folder cannot be written: nothing was written, nothing was changed
         print(f"error: cannot write {args.output} ({e.strerror or e}): choose a folder you can write to",
               file=sys.stderr)
         return 2
     except ExportError as e:
-        print(f"error: {in_command_terms(e)}", file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         return 1
     note = f"; {NO_PRETRAINED}" if args.no_pretrained else ""
     print(f"{path} ({FORMATS[path.suffix]}, {path.stat().st_size / 2**20:.1f} MiB): outputs on the sample photos "

@@ -29,25 +29,24 @@ import torch.distributed as dist
 
 from models import WEIGHTS
 from utils.cli import (
+    CANNOT_RUN,
     Parser,
     add_weights_arguments,
     batch_size_value,
     count,
     device_name,
-    in_command_terms,
+    error_line,
     pick_device,
     positive,
 )
 from utils.images.decode import ImageError
 from utils.images.tensors import MIN_SIZE
 from utils.inference.distributed import Stopped, give_up
-from utils.training import FinetuneError
 from utils.training.augment import AUGMENTATIONS, CROP_FROM
 from utils.training.data import SMALL_IMAGE
 from utils.training.loop import AMP
 from utils.training.resume import RECIPE
 from utils.training.run import run
-from utils.weights import CheckpointError
 
 MAX_SEED = 2**32 - 1  # seeds the shuffling as seed * 1_000_003 + epoch, within torch's 64 bits
 
@@ -155,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"\ninterrupted: {resume_advice(args)}", file=sys.stderr)
         return 130
-    except (FinetuneError, ValueError, FileNotFoundError, CheckpointError) as e:
-        return give_up(2, f"error: {in_command_terms(e)}")
+    except CANNOT_RUN as e:  # FinetuneError is a ValueError
+        return give_up(2, error_line(e))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
