@@ -56,34 +56,46 @@ def main(argv: list[str] | None = None) -> int:
     names = None if everything else [WEIGHTS[e].file_name for e in entries] + files
 
     if args.command == "list":
-        print(f"{cache_dir()}: {len(found)} of {len(entries)} checkpoint(s)"
-              + (f", and {len(others)} from other URLs" if others else ""))
-        for entry, path in found:
-            print(f"  {entry:24} {path.name:56} {size(path):>12}")
-        for path in others:
-            print(f"  {'(from a URL)':24} {path.name:56} {size(path):>12}")
-        for name, paths in leftovers(names).items():
-            label = "(downloading)" if downloading(name) else "(left over)"
-            for path in paths:
-                print(f"  {label:24} {path.name:56} {size(path):>12}")
-        return 0
-
+        return list_cache(entries, found, others, names)
     if args.command == "verify":
-        bad = []
-        for entry, path in found:
-            expected, actual = WEIGHTS[entry].hash_prefix, sha256(path)
-            ok = actual.startswith(expected)
-            note = "" if ok else f": its SHA-256 starts {actual[:8]}, not {expected}"
-            print(f"  {'ok ' if ok else 'BAD'} {entry:24} {path.name}{note}")
-            if not ok:
-                bad.append(entry)
-        if bad:
-            print(f"{len(bad)} damaged checkpoint(s). Remove them with: python -m utils.cache clear "
-                  f"{' '.join(bad)}; they are downloaded again at the next load.", file=sys.stderr)
-            return 1
-        print(f"{len(found)} checkpoint(s) verified" if found else f"no checkpoints cached in {cache_dir()}")
-        return 0
+        return verify_cache(found)
+    return clear_cache(found, others + [cache_dir() / f for f in files], names, everything)
 
+
+def list_cache(entries: list[str], found: list[tuple[str, Path]], others: list[Path], names: list[str] | None) -> int:
+    print(f"{cache_dir()}: {len(found)} of {len(entries)} checkpoint(s)"
+          + (f", and {len(others)} from other URLs" if others else ""))
+    for entry, path in found:
+        print(f"  {entry:24} {path.name:56} {size(path):>12}")
+    for path in others:
+        print(f"  {'(from a URL)':24} {path.name:56} {size(path):>12}")
+    for name, paths in leftovers(names).items():
+        label = "(downloading)" if downloading(name) else "(left over)"
+        for path in paths:
+            print(f"  {label:24} {path.name:56} {size(path):>12}")
+    return 0
+
+
+def verify_cache(found: list[tuple[str, Path]]) -> int:
+    bad = []
+    for entry, path in found:
+        expected, actual = WEIGHTS[entry].hash_prefix, sha256(path)
+        ok = actual.startswith(expected)
+        note = "" if ok else f": its SHA-256 starts {actual[:8]}, not {expected}"
+        print(f"  {'ok ' if ok else 'BAD'} {entry:24} {path.name}{note}")
+        if not ok:
+            bad.append(entry)
+    if bad:
+        print(f"{len(bad)} damaged checkpoint(s). Remove them with: python -m utils.cache clear "
+              f"{' '.join(bad)}; they are downloaded again at the next load.", file=sys.stderr)
+        return 1
+    print(f"{len(found)} checkpoint(s) verified" if found else f"no checkpoints cached in {cache_dir()}")
+    return 0
+
+
+def clear_cache(found: list[tuple[str, Path]], others: list[Path], names: list[str] | None, everything: bool) -> int:
+    """Removes the entries' files, ``others`` (files from other URLs, files named), the leftovers of killed
+    downloads (not those of a download still running) and, for ``everything``, the verification records."""
     removed, failed = 0, []
 
     def remove(path: Path) -> bool:
@@ -95,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"removed {path}")
         return True
 
-    for path in [path for _, path in found] + others + [cache_dir() / f for f in files]:
+    for path in [path for _, path in found] + others:
         removed += remove(path)
     for name, paths in leftovers(names).items():
         lock = lock_of(name)
