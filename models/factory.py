@@ -31,14 +31,7 @@ def create_model(entry: str, *, pretrained: bool = True, progress: bool = True,
         raise ValueError(f"unknown model {entry!r}; choose one of: {', '.join(WEIGHTS)}")
     weight_set = WEIGHTS[entry]
     arch_kwargs = _arch_kwargs(weight_set, kwargs)
-    _check_flags(entry, pretrained=pretrained, progress=progress, features_only=features_only)
-    _check_num_classes(num_classes, features_only)
-    if features_only:
-        out_indices = _check_out_indices((1, 2, 3, 4) if out_indices is None else out_indices)
-    elif out_indices is not None:
-        raise ValueError("out_indices applies only with features_only=True")
-    if weights is not None and not pretrained:
-        raise ValueError(f"weights={weights!r} was given with pretrained=False: pass one or the other")
+    out_indices = _check_arguments(entry, pretrained, progress, weights, num_classes, features_only, out_indices)
 
     origin, description = None, None
     if pretrained:  # fetch first, so that a failed download costs no model construction
@@ -60,14 +53,7 @@ def create_model(entry: str, *, pretrained: bool = True, progress: bool = True,
 
     head = None if features_only or num_classes == 0 else "new"
     if pretrained:
-        # A head of the asked-for size in the checkpoint (a fine-tuned file) is loaded; otherwise a new one is made.
-        fc = state_dict.get("fc.weight")
-        named = description and description["num_classes"]
-        if named and (fc is None or fc.shape[0] != named):  # a damaged file, whichever part of it is asked for
-            rows = "no head (fc)" if fc is None else f"a head of {fc.shape[0]} rows"
-            raise CheckpointError(f"{origin} contradicts itself: it holds {rows}, and its description names "
-                                  f"{named} classes; save the model again with python -m utils.finetune")
-        new_head = not features_only and num_classes != 1000 and (fc is None or fc.shape[0] != num_classes)
+        new_head = _plan_head(state_dict, description, num_classes, features_only, origin)
         head = None if head is None else "new" if new_head else "pretrained"
         skip = ("fc.",) if new_head or features_only else ()
         if features_only:
@@ -91,6 +77,34 @@ def create_model(entry: str, *, pretrained: bool = True, progress: bool = True,
     model.pretrained_cfg = cfg
     model.preprocess = Preprocess.from_config(model.pretrained_cfg)
     return model.eval()
+
+
+def _check_arguments(entry: str, pretrained, progress, weights, num_classes, features_only,
+                     out_indices) -> tuple[int, ...] | None:
+    """Refuse arguments that cannot work, before any download; the feature maps' indices, checked."""
+    _check_flags(entry, pretrained=pretrained, progress=progress, features_only=features_only)
+    _check_num_classes(num_classes, features_only)
+    if weights is not None and not pretrained:
+        raise ValueError(f"weights={weights!r} was given with pretrained=False: pass one or the other")
+    if features_only:
+        return _check_out_indices((1, 2, 3, 4) if out_indices is None else out_indices)
+    if out_indices is not None:
+        raise ValueError("out_indices applies only with features_only=True")
+    return None
+
+
+def _plan_head(state_dict: dict, description: dict | None, num_classes: int, features_only: bool,
+               origin: str) -> bool:
+    """Whether the model needs a new head: a head of the asked-for size in the checkpoint (a fine-tuned
+    file's) is loaded, any other is replaced. A file whose head contradicts its description is refused,
+    whichever part of it is asked for."""
+    fc = state_dict.get("fc.weight")
+    named = description and description["num_classes"]
+    if named and (fc is None or fc.shape[0] != named):
+        rows = "no head (fc)" if fc is None else f"a head of {fc.shape[0]} rows"
+        raise CheckpointError(f"{origin} contradicts itself: it holds {rows}, and its description names "
+                              f"{named} classes; save the model again with python -m utils.finetune")
+    return not features_only and num_classes != 1000 and (fc is None or fc.shape[0] != num_classes)
 
 
 def weights_description(weights: str | os.PathLike) -> dict | None:
