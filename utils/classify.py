@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from utils.cli import (
@@ -48,7 +49,7 @@ def read_classes(path: Path) -> list[str]:
     return names
 
 
-def main(argv: list[str] | None = None) -> int:
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m utils.classify", description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="*", metavar="PATH", help="image files, directories or glob patterns")
     parser.add_argument("--topk", type=positive, default=5, help="how many classes to show (default 5)")
@@ -56,6 +57,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="the class names, one per line, of --weights that do not carry theirs (a file "
                              "saved by python -m utils.finetune does)")
     add_model_arguments(parser, batch_size=16)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
     args = parser.parse_args(argv)
     if args.classes is not None and args.no_pretrained:
         parser.error("--classes: a fine-tuned model's class names go with its --weights, not --no-pretrained")
@@ -71,46 +77,39 @@ def main(argv: list[str] | None = None) -> int:
     if not paths:
         return 1
     try:
-        own = read_classes(args.classes) if args.classes is not None else None
-        device = pick_device(args.device, args.backend, args.dtype)
-        check_dtype(args, device)
-        description = describe_weights(args)
-        if own and description and own != description["classes"]:
-            raise contradiction(f"--classes {args.classes}", args.weights, description)
-        model = load_model(args.model, args.weights, device, num_classes=len(own) if own and not description else None,
-                           dtype=args.dtype, backend=args.backend, pretrained=not args.no_pretrained,
-                           img_size=args.img_size, calibration=args.calibration)
-        if own and model.pretrained_cfg["head"] != "pretrained":
-            raise ValueError(f"--weights {args.weights} has no trained {len(own)}-class head for --classes "
-                             f"{args.classes}: give the best.pth of the same fine-tuning run")
+        model, own, device = load_for(args)
     except CANNOT_RUN as e:
         print(error_line(e), file=sys.stderr)
         return 2
-    classes, wnids = own or model.pretrained_cfg["classes"], None if own else model.pretrained_cfg["wnids"]
-    topk = min(args.topk, len(classes))
-
-    def report(path, error=None, probabilities=None, indices=None):
-        if error is not None:
-            print(error, file=sys.stderr)
-            if args.json:
-                bar.write(json.dumps({"path": str(path), "model": args.model, "error": error}), file=sys.stdout)
-            return
-        labels = [classes[i] for i in indices]
-        ids = [wnids[i] for i in indices] if wnids else None
-        if args.json:
-            row = {"path": str(path), "model": args.model, "labels": labels, "wnids": ids,
-                   "probabilities": [round(p, 6) for p in probabilities],
-                   "pretrained": False if args.no_pretrained else None}
-            line = json.dumps({k: v for k, v in row.items() if v is not None})
-        else:
-            line = "\n".join([str(path)] + [f"  {p:7.2%}  {label}" + (f" ({ids[j]})" if ids else "")
-                                            for j, (p, label) in enumerate(zip(probabilities, labels))])
-        bar.write(line, file=sys.stdout)
-
     if args.no_pretrained and not args.json:
         print(f"# {NO_PRETRAINED}")
+    labels = (own, None) if own else (model.pretrained_cfg["classes"], model.pretrained_cfg["wnids"])
+    failed = len(problems) + classify(args, model, paths, device, *labels)
+    return 1 if failed else 0
+
+
+def load_for(args: argparse.Namespace) -> tuple[nn.Module, list[str] | None, torch.device]:
+    """The model that ``args`` ask for, the class names of --classes (None without), and the device."""
+    own = read_classes(args.classes) if args.classes is not None else None
+    device = pick_device(args.device, args.backend, args.dtype)
+    check_dtype(args, device)
+    description = describe_weights(args)
+    if own and description and own != description["classes"]:
+        raise contradiction(f"--classes {args.classes}", args.weights, description)
+    model = load_model(args.model, args.weights, device, num_classes=len(own) if own and not description else None,
+                       dtype=args.dtype, backend=args.backend, pretrained=not args.no_pretrained,
+                       img_size=args.img_size, calibration=args.calibration)
+    if own and model.pretrained_cfg["head"] != "pretrained":
+        raise ValueError(f"--weights {args.weights} has no trained {len(own)}-class head for --classes "
+                         f"{args.classes}: give the best.pth of the same fine-tuning run")
+    return model, own, device
+
+
+def classify(args: argparse.Namespace, model: nn.Module, paths: list[Path], device: torch.device,
+             classes: list[str], wnids: list[str] | None) -> int:
+    """Prints each image's top classes (or its error) as it goes; returns how many could not be read."""
+    topk, failed = min(args.topk, len(classes)), 0
     dataset = ImageFiles(paths, model.preprocess, strict=False)
-    failed = len(problems)
     progress = tqdm(total=len(paths), unit="image", disable=len(paths) <= args.batch_size, file=sys.stderr)
     with progress as bar, torch.inference_mode():
         for indices, images, errors in batches(dataset, args.batch_size, args.workers, device):
@@ -118,11 +117,29 @@ def main(argv: list[str] | None = None) -> int:
             for row, (index, error) in enumerate(zip(indices.tolist(), errors)):
                 if error:
                     failed += 1
-                    report(paths[index], error)
+                    print(error, file=sys.stderr)
+                    if args.json:
+                        bar.write(json.dumps({"path": str(paths[index]), "model": args.model, "error": error}),
+                                  file=sys.stdout)
                 else:
-                    report(paths[index], probabilities=top.values[row].tolist(), indices=top.indices[row].tolist())
+                    bar.write(row_text(args, paths[index], top.values[row].tolist(),
+                                       [classes[i] for i in top.indices[row].tolist()],
+                                       [wnids[i] for i in top.indices[row].tolist()] if wnids else None),
+                              file=sys.stdout)
             bar.update(len(errors))
-    return 1 if failed else 0
+    return failed
+
+
+def row_text(args: argparse.Namespace, path: Path, probabilities: list[float], labels: list[str],
+             ids: list[str] | None) -> str:
+    """One image's answer: a JSON object under --json, else its path and a line per class."""
+    if args.json:
+        row = {"path": str(path), "model": args.model, "labels": labels, "wnids": ids,
+               "probabilities": [round(p, 6) for p in probabilities],
+               "pretrained": False if args.no_pretrained else None}
+        return json.dumps({k: v for k, v in row.items() if v is not None})
+    return "\n".join([str(path)] + [f"  {p:7.2%}  {label}" + (f" ({ids[j]})" if ids else "")
+                                    for j, (p, label) in enumerate(zip(probabilities, labels))])
 
 
 if __name__ == "__main__":
