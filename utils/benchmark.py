@@ -89,7 +89,7 @@ def check_plot_path(parser: argparse.ArgumentParser, path: str) -> None:
         parser.error(f"--plot {path}: cannot write in {folder} ({e.strerror})")
 
 
-def main(argv: list[str] | None = None) -> int:
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m utils.benchmark", description=__doc__.split("\n\n")[0],
                                      epilog=f"entries: {', '.join(WEIGHTS)}")
     parser.add_argument("--models", nargs="+", default=["resnet50_swsl"], metavar="ENTRY",
@@ -117,6 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-pretrained", action="store_true",
                         help="accepted as by the other commands: the benchmark always uses random weights, "
                              "as speed does not depend on them, and needs no download")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
     args = parser.parse_args(argv)
     try:
         entries = parse_models(args.models)
@@ -138,6 +143,15 @@ def main(argv: list[str] | None = None) -> int:
         print(error_line(e), file=sys.stderr)
         return 2
     machine = describe_machine(device)
+    print_rows(args, rows, machine)
+    if args.plot:
+        plot(rows, args.plot, machine, args.img_size)
+        print(f"plot written to {args.plot}", file=sys.stderr)
+    return 0
+
+
+def print_rows(args: argparse.Namespace, rows: list, machine: str) -> None:
+    """The measured rows as --json, --csv or a markdown table, each saying which machine measured them."""
     if args.json:
         for row in rows:
             print(json.dumps({**asdict(row), "device": machine}))
@@ -147,10 +161,6 @@ def main(argv: list[str] | None = None) -> int:
         writer.writerows({**asdict(row), "device": machine} for row in rows)
     else:
         print(f"{machine}; {args.img_size}x{args.img_size} images, median of {args.repeats} rounds\n\n{markdown(rows)}")
-    if args.plot:
-        plot(rows, args.plot, machine, args.img_size)
-        print(f"plot written to {args.plot}", file=sys.stderr)
-    return 0
 
 
 if __name__ == "__main__":
