@@ -119,35 +119,44 @@ def measure(subjects: list[Subject], make_model: Callable[[str], nn.Module], bat
         del eager, models
     bar.close()
 
+    return [row for subject in subjects for batch_size in batch_sizes
+            for row in _rows(subject, batch_size, timed[subject.arch, batch_size], errors[subject.arch, batch_size],
+                             gmacs[subject.arch], runs, dtypes, device, channels_last)]
+
+
+def _rows(subject: Subject, batch_size: int, times: dict, errors: dict, gmacs: float, runs: list, dtypes: list[str],
+          device: torch.device, channels_last: bool) -> list[Row]:
+    """One subject's rows at one batch size, from its measured times and errors."""
+    ceilings = {d: max((gemm_gflops(device, statistics.median(times[f"{path} {d}"]))
+                        for path in ("mm", "conv") if f"{path} {d}" in times), default=None)
+                for d in ("float32", *dtypes)}
+    baseline = statistics.median(times[runs[0]])
+    fastest_peer = _fastest_peers(times, runs, dtypes)
     rows = []
-    for subject in subjects:
-        for batch_size in batch_sizes:
-            times = timed[subject.arch, batch_size]
-            ceilings = {d: max((gemm_gflops(device, statistics.median(times[f"{path} {d}"]))
-                                for path in ("mm", "conv") if f"{path} {d}" in times), default=None)
-                        for d in ("float32", *dtypes)}
-            baseline = statistics.median(times[runs[0]])
-            peer_runs = [v for v in runs if v[0] in runtimes.NAMES]
-            fastest_peer = {d: min(statistics.median(times[v]) for v in peer_runs if v[1] == d)
-                            for d in dtypes if any(v[1] == d for v in peer_runs)}
-            floats = [t for d, t in fastest_peer.items() if d != "int8"]
-            if "int8" in fastest_peer and floats:  # INT8 is measured against the fastest float peer
-                fastest_peer["int8"] = min(floats)
-            for variant, dtype, compiled in runs:
-                seconds = statistics.median(times[variant, dtype, compiled])
-                spread = max(times[variant, dtype, compiled]) - min(times[variant, dtype, compiled])
-                gflops = 2 * gmacs[subject.arch] * batch_size / seconds
-                ceiling = ceilings[dtype]
-                peer = fastest_peer.get(dtype)
-                rows.append(Row(subject.entry, subject.arch, batch_size, variant, dtype,
-                                channels_last and variant in ("optimized", "auto"), compiled,
-                                ms_per_batch=seconds * 1e3, spread_pct=spread / seconds * 100,
-                                images_per_second=batch_size / seconds, gflops=gflops,
-                                ceiling_gflops=ceiling, ceiling_pct=None if ceiling is None else gflops / ceiling * 100,
-                                speedup=baseline / seconds, vs_fastest_peer=None if peer is None else peer / seconds,
-                                max_error=errors[subject.arch, batch_size][variant, dtype, compiled],
-                                top1=subject.top1))
+    for variant, dtype, compiled in runs:
+        seconds = statistics.median(times[variant, dtype, compiled])
+        spread = max(times[variant, dtype, compiled]) - min(times[variant, dtype, compiled])
+        gflops = 2 * gmacs * batch_size / seconds
+        ceiling, peer = ceilings[dtype], fastest_peer.get(dtype)
+        rows.append(Row(subject.entry, subject.arch, batch_size, variant, dtype,
+                        channels_last and variant in ("optimized", "auto"), compiled,
+                        ms_per_batch=seconds * 1e3, spread_pct=spread / seconds * 100,
+                        images_per_second=batch_size / seconds, gflops=gflops,
+                        ceiling_gflops=ceiling, ceiling_pct=None if ceiling is None else gflops / ceiling * 100,
+                        speedup=baseline / seconds, vs_fastest_peer=None if peer is None else peer / seconds,
+                        max_error=errors[variant, dtype, compiled], top1=subject.top1))
     return rows
+
+
+def _fastest_peers(times: dict, runs: list, dtypes: list[str]) -> dict[str, float]:
+    """The fastest runtime's median seconds per precision; INT8 rows are measured against the fastest float one."""
+    peer_runs = [v for v in runs if v[0] in runtimes.NAMES]
+    fastest = {d: min(statistics.median(times[v]) for v in peer_runs if v[1] == d)
+               for d in dtypes if any(v[1] == d for v in peer_runs)}
+    floats = [t for d, t in fastest.items() if d != "int8"]
+    if "int8" in fastest and floats:
+        fastest["int8"] = min(floats)
+    return fastest
 
 
 def ceiling_dtypes(dtypes: list[str], device: torch.device) -> list[str]:
