@@ -212,8 +212,8 @@ def test_other_bad_combinations_say_what_to_do(calibration):
     with pytest.raises(ValueError, match="compile=True applies to backend='torch'.*not to INT8's runtimes"):
         optimize_for_inference(model, dtype="int8", calibration=calibration, compile=True)
     with pytest.raises(ValueError, match="int8 runs on the CPU here .*not on cuda"):
-        hardware.check_native(torch.int8, torch.device("cuda"))  # what a model on a GPU meets
-    hardware.check_native(torch.int8, torch.device("cpu"))  # any CPU: whether it is faster is measured
+        hardware.check_native("int8", torch.device("cuda"))  # what a model on a GPU meets
+    hardware.check_native("int8", torch.device("cpu"))  # any CPU: whether it is faster is measured
 
 
 @pytest.mark.parametrize("missing, backend, match", [

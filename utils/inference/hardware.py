@@ -17,7 +17,7 @@ import torch
 NATIVE_INSTRUCTIONS = {
     torch.bfloat16: ("avx512_bf16", "amx_bf16", "bf16"),
     torch.float16: ("avx512_fp16", "amx_fp16", "fphp"),
-    torch.int8: ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp"),  # 8-bit dot products
+    "int8": ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp"),  # 8-bit dot products
 }
 
 
@@ -36,20 +36,20 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
-def cpu_has_native(dtype: torch.dtype) -> bool:
-    """True where the CPU computes ``dtype`` natively; float32 always."""
+def cpu_has_native(dtype: torch.dtype | str) -> bool:
+    """True where the CPU computes ``dtype`` natively; float32 always. "int8": 8-bit dot products (VNNI)."""
     if dtype == torch.float32:
         return True
     return any(flag in cpu_flags() for flag in NATIVE_INSTRUCTIONS.get(dtype, ()))
 
 
-def check_native(dtype: torch.dtype, device: torch.device, fallback: str = "dtype=None (float32)") -> None:
+def check_native(dtype: torch.dtype | str, device: torch.device, fallback: str = "dtype=None (float32)") -> None:
     """Raise ValueError for a precision ``device`` would only emulate, slower than float32; the
     message suggests ``fallback``. INT8 runs on any CPU (its runtimes have AVX2 and VNNI kernels;
     whether it is faster is measured: backend="auto"), and on no GPU here."""
     if dtype == torch.float32:
         return
-    if dtype == torch.int8:
+    if dtype == "int8":
         if device.type != "cpu":
             raise ValueError(f"int8 runs on the CPU here (in OpenVINO or ONNX Runtime), not on {device}: "
                              f"put the model on the CPU, or use {fallback}")

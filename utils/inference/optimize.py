@@ -23,7 +23,7 @@ from utils.inference.hardware import check_native, cpu_has_native
 from utils.inference.quantize import INT8
 
 DTYPE_ARGUMENTS = {None: torch.float32, torch.float32: torch.float32, torch.bfloat16: torch.bfloat16,
-                   torch.float16: torch.float16, INT8: INT8, "int8": INT8}
+                   torch.float16: torch.float16, INT8: INT8}
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
                "int8": INT8}  # the commands' --dtype
 BACKENDS = ("torch", "onnxruntime", "openvino", "auto")

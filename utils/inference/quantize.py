@@ -30,7 +30,7 @@ from utils.inference import runtimes
 from utils.inference.compare import relative_error
 from utils.pickling import Portable
 
-INT8 = torch.int8  # the dtype that stands for "quantized to INT8" in optimize_for_inference
+INT8 = "int8"  # dtype="int8" in optimize_for_inference: quantized to INT8, float32 in and out
 MAX_IMAGES = 300  # NNCF's default subset: more images add minutes, not accuracy
 HOLD_OUT = 5  # every fifth image measures fidelity instead of calibrating, from 2 * HOLD_OUT images up
 MISSING = ("dtype='int8' needs calibration=: 50 to 300 images like those the model will see, as a folder, "

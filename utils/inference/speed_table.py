@@ -163,7 +163,7 @@ def ceiling_dtypes(dtypes: list[str], device: torch.device) -> list[str]:
     """The precisions whose matrix multiply is a ceiling to measure: INT8's only on a CPU with 8-bit dot
     products (VNNI), since elsewhere torch's integer GEMM runs far below what the INT8 runtimes reach."""
     return [d for d in dict.fromkeys(["float32", *dtypes])
-            if d != "int8" or (device.type == "cpu" and cpu_has_native(torch.int8))]
+            if d != "int8" or (device.type == "cpu" and cpu_has_native("int8"))]
 
 
 def count_gmacs(model: nn.Module, img_size: int, device: torch.device) -> float:

@@ -41,7 +41,7 @@ def matmul_functions(device: torch.device, dtype: torch.dtype) -> dict[str, Call
     convolution in channels_last (oneDNN on CPU, cuDNN on GPU). Each library has its own kernels, and
     on some CPUs one is much faster than the other: the ceiling is the faster of the two."""
     n = MATMUL_SIZE[device.type == "cpu"]
-    if dtype == torch.int8:  # the integer GEMM that INT8 convolutions reduce to (VNNI where the CPU has it)
+    if dtype == "int8":  # the integer GEMM that INT8 convolutions reduce to (VNNI where the CPU has it)
         a, b = (torch.randint(-128, 128, (n, n), dtype=torch.int8, device=device) for _ in range(2))
         return {"mm": lambda: torch._int_mm(a, b)}
     a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
