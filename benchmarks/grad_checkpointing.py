@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--large-batches", nargs=2, type=int, default=[2, 4])
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
-    from utils.inference.hardware import describe_cpu
+    from utils.system.hardware import describe_cpu
 
     print(f"{describe_cpu()}; training steps at 224x224 on the CPU, each configuration in a fresh process\n")
     print("| model | batch | gradient checkpointing | peak memory of a step (MiB) | s a step (median) |")

@@ -22,8 +22,8 @@ from pathlib import Path
 from finetune import tool, write  # benchmarks/finetune.py, which also puts the repository on the path
 
 from utils import evaluate
-from utils.inference.hardware import describe_cpu
 from utils.inference.runtimes import NAMES as RUNTIMES
+from utils.system.hardware import describe_cpu
 
 
 def score(val: Path, train: Path, weights: Path, backend: str) -> dict:

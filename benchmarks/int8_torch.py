@@ -30,7 +30,7 @@ from models import create_model  # noqa: E402
 from models.resnet import BasicBlock, Bottleneck  # noqa: E402
 from utils.inference.compare import relative_error  # noqa: E402
 from utils.inference.optimize import optimize_for_inference  # noqa: E402
-from utils.inference.timing import describe_machine, time_interleaved  # noqa: E402
+from utils.system.timing import describe_machine, time_interleaved  # noqa: E402
 
 
 def bottleneck_forward(self, x):

@@ -23,7 +23,7 @@ from models import create_model  # noqa: E402
 from utils import optimize_for_inference  # noqa: E402
 from utils.inference.fused import FusedResNet  # noqa: E402
 from utils.inference.optimize import InferenceModel  # noqa: E402
-from utils.inference.timing import describe_machine, time_interleaved  # noqa: E402
+from utils.system.timing import describe_machine, time_interleaved  # noqa: E402
 
 
 def steps(model: torch.nn.Module) -> dict[str, torch.nn.Module]:

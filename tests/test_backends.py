@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from utils import optimize_for_inference
-from utils.inference import backends, export, hardware, runtimes
+from utils.inference import backends, export, runtimes
+from utils.system import hardware
 
 from .test_optimize import relative_error, trained_like
 

@@ -1,4 +1,4 @@
-"""python -m utils.benchmark and utils.inference.timing: interleaved timing, the derived columns, the outputs
+"""python -m utils.benchmark and utils.system.timing: interleaved timing, the derived columns, the outputs
 and the plot."""
 import csv
 import io
@@ -9,7 +9,8 @@ import torch
 
 from models import WEIGHTS, create_model
 from utils import benchmark
-from utils.inference import hardware, speed_table, timing
+from utils.inference import speed_table
+from utils.system import hardware, timing
 
 CPU = torch.device("cpu")
 

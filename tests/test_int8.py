@@ -13,8 +13,9 @@ import torch.nn.functional as F
 
 from models import create_model
 from utils.images.decode import ImageError
-from utils.inference import backends, export, hardware, quantize, runtimes
+from utils.inference import backends, export, quantize, runtimes
 from utils.inference.optimize import optimize_for_inference
+from utils.system import hardware
 
 from .conftest import REPO
 from .test_optimize import photos, trained_like

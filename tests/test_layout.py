@@ -16,6 +16,7 @@ LAYERS = (
     ("utils.cli", "utils.training"),  # what the commands share; fine-tuning
     ("models",),  # architectures, the registry, building a model and loading its weights
     ("utils.inference",),  # fast inference and export of any ResNet of torchvision's layout
+    ("utils.system",),  # the machine and its processes: native precisions, timing, torchrun, accuracy counts
     ("utils.images", "utils.weights"),  # images in, tensors out; fetching and verifying checkpoints
     ("utils.pickling", "utils.replace", "utils.text"),  # crossing processes; whole files; listing in messages
 )

@@ -9,9 +9,10 @@ from torch import nn
 from models import ARCHS, WEIGHTS, ResNet, create_model
 from models.resnet import BLOCKS
 from utils import optimize_for_inference
-from utils.inference import export, hardware
+from utils.inference import export
 from utils.inference.fold import fold_batchnorm
 from utils.inference.fused import FusedResNet
+from utils.system import hardware
 
 from .conftest import REPO, randomize_statistics
 

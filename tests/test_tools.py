@@ -137,7 +137,7 @@ def test_classify_checks_its_inputs_before_loading_the_model(capsys, tmp_path):
 
 
 def test_a_precision_this_cpu_only_emulates_is_refused_in_the_commands_terms(model_and_weights, capsys, monkeypatch):
-    from utils.inference import hardware
+    from utils.system import hardware
     monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx2", "fma"}))  # a CPU without native bf16
     for main, args in ((classify.main, []), (evaluate.main, [str(SAMPLES)])):
         status = main([*args, "--weights", model_and_weights[1], "--device", "cpu", "--dtype", "bfloat16"])

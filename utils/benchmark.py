@@ -40,9 +40,9 @@ from utils.cli import (
     positive,
 )
 from utils.inference import runtimes
-from utils.inference.hardware import cpu_has_native
 from utils.inference.speed_table import Subject, markdown, measure, plot
-from utils.inference.timing import describe_machine
+from utils.system.hardware import cpu_has_native
+from utils.system.timing import describe_machine
 
 
 def parse_models(names: list[str]) -> list[str]:

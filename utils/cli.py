@@ -15,9 +15,9 @@ from models.factory import weights_description
 from models.registry import imagenet1k_classes, resize_size
 from utils.images.preprocess import Preprocess
 from utils.images.tensors import MIN_SIZE
-from utils.inference.distributed import give_up
-from utils.inference.hardware import check_native
 from utils.inference.optimize import BACKENDS, DTYPE_NAMES, optimize_for_inference
+from utils.system.distributed import give_up
+from utils.system.hardware import check_native
 from utils.weights import CheckpointError, download
 
 DEFAULT_ENTRY = "resnet50_swsl"
@@ -25,7 +25,7 @@ DEFAULT_ENTRY = "resnet50_swsl"
 
 class Parser(argparse.ArgumentParser):
     """argparse for the commands that run under torchrun: a bad option is said once, by the first
-    process, and no process exits before it is out (utils/inference/distributed.py)."""
+    process, and no process exits before it is out (utils/system/distributed.py)."""
 
     def error(self, message: str):
         sys.exit(give_up(2, f"{self.format_usage()}{self.prog}: error: {message}"))

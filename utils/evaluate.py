@@ -44,9 +44,9 @@ from utils.cli import (
 from utils.images.decode import IMAGE_SUFFIXES, ImageError
 from utils.images.files import class_dirs
 from utils.images.preprocess import Preprocess
-from utils.inference.accuracy import count_correct
-from utils.inference.distributed import Stopped, check_together, give_up, start
 from utils.inference.optimize import optimize_for_inference
+from utils.system.accuracy import count_correct
+from utils.system.distributed import Stopped, check_together, give_up, start
 from utils.text import first
 
 

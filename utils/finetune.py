@@ -41,7 +41,7 @@ from utils.cli import (
 )
 from utils.images.decode import ImageError
 from utils.images.tensors import MIN_SIZE
-from utils.inference.distributed import Stopped, give_up
+from utils.system.distributed import Stopped, give_up
 from utils.training.augment import AUGMENTATIONS, CROP_FROM
 from utils.training.data import SMALL_IMAGE
 from utils.training.loop import AMP

@@ -32,8 +32,8 @@ from torch import Tensor, nn
 from utils.images.tensors import check_input
 from utils.inference import quantize, runtimes
 from utils.inference.fold import fold_batchnorm
-from utils.inference.hardware import check_native, cpu_has_native
 from utils.pickling import Portable
+from utils.system.hardware import check_native, cpu_has_native
 
 logger = logging.getLogger("semi_supervised_hub")
 

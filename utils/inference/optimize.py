@@ -19,8 +19,8 @@ from torch import Tensor, nn
 
 from utils.inference import backends, fused, quantize, runtimes
 from utils.inference.fold import fold_batchnorm
-from utils.inference.hardware import check_native, cpu_has_native
 from utils.inference.quantize import INT8
+from utils.system.hardware import check_native, cpu_has_native
 
 DTYPE_ARGUMENTS = {None: torch.float32, torch.float32: torch.float32, torch.bfloat16: torch.bfloat16,
                    torch.float16: torch.float16, INT8: INT8}

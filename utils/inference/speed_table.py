@@ -15,9 +15,9 @@ from tqdm import tqdm
 
 from utils.inference import runtimes
 from utils.inference.compare import relative_error
-from utils.inference.hardware import cpu_has_native
 from utils.inference.optimize import DTYPE_NAMES, optimize_for_inference
-from utils.inference.timing import gemm_gflops, matmul_functions, time_interleaved
+from utils.system.hardware import cpu_has_native
+from utils.system.timing import gemm_gflops, matmul_functions, time_interleaved
 
 SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "int8": "int8"}
 

@@ -14,8 +14,8 @@ from tqdm import tqdm
 
 from models import create_model
 from utils.images.decode import ImageError
-from utils.inference.accuracy import hits
-from utils.inference.distributed import check_together
+from utils.system.accuracy import hits
+from utils.system.distributed import check_together
 from utils.training import FinetuneError
 from utils.training.data import Images
 

@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader
 
 from models import finetuned
 from utils.images.preprocess import Preprocess
-from utils.inference.distributed import Context, start
-from utils.inference.hardware import check_native
+from utils.system.distributed import Context, start
+from utils.system.hardware import check_native
 from utils.text import first
 from utils.training import FinetuneError
 from utils.training.augment import AUGMENTATIONS, Augment

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from utils.inference.hardware import describe_cpu
+from utils.system.hardware import describe_cpu
 
 MATMUL_SIZE = {True: 2048, False: 8192}  # on CPU, on GPU
 ALLOCATOR_SETTINGS = ("GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_CONF")  # shown with the results: they change them

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from utils.images.dataset import ImageFiles, batches
 from utils.images.decode import ImageError
-from utils.inference.distributed import check_together
+from utils.system.distributed import check_together
 
 
 def hits(logits: Tensor, labels: Tensor) -> Tensor:
