@@ -336,9 +336,9 @@ def test_every_openvino_model_is_read_and_compiled_by_one_core(tiny, monkeypatch
             super().__init__(*args, **kwargs)
 
     monkeypatch.setattr(openvino, "Core", Counted)
-    monkeypatch.setattr(quantize, "openvino_core", functools.cache(quantize.openvino_core.__wrapped__))
+    monkeypatch.setattr(runtimes, "openvino_core", functools.cache(runtimes.openvino_core.__wrapped__))
     onnx, images = tiny
     for dtype in (torch.float32, quantize.INT8, quantize.INT8):  # the float runner, and INT8 twice
         source = quantize.quantize(onnx, "openvino", images) if dtype == quantize.INT8 else onnx
         assert backends.openvino_runner(source, dtype, 1)(images[:2].numpy())[0].shape == (2, 4, 12, 12)
-    assert [name for name in made if name.startswith(("utils", "models"))] == ["utils.inference.quantize"], made
+    assert [name for name in made if name.startswith(("utils", "models"))] == ["utils.inference.runtimes"], made

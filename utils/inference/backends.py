@@ -41,11 +41,6 @@ OPENVINO_PRECISION = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float1
 RACED_SHAPES = 64  # "auto" remembers its choice for this many input shapes, then goes by the most frequent
 
 
-def require(backend: str) -> None:
-    if not runtimes.installed(backend):
-        raise ImportError(f"backend={backend!r} needs the {backend} package: {runtimes.install(backend)}")
-
-
 @dataclass
 class _Exported:
     fingerprint: tuple
@@ -103,7 +98,7 @@ def onnxruntime_runner(onnx: bytes, dtype: torch.dtype, threads: int) -> Callabl
 def openvino_runner(model: bytes | tuple[bytes, bytes], dtype: torch.dtype,
                     threads: int) -> Callable[[np.ndarray], list[np.ndarray]]:
     """``model``: ONNX bytes, or the IR (XML, weights) that INT8 quantization makes of them."""
-    core = quantize.openvino_core()
+    core = runtimes.openvino_core()
     # The precision is set explicitly: OpenVINO otherwise computes in bf16 wherever the CPU has it.
     config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads,
               "INFERENCE_PRECISION_HINT": openvino_precision(dtype)}
@@ -140,7 +135,7 @@ RUNNERS = {"onnxruntime": onnxruntime_runner, "openvino": openvino_runner}
 
 def peer_runner(model: nn.Module, backend: str, dtype: torch.dtype) -> Callable[[np.ndarray], list[np.ndarray]]:
     """A function running ``model`` through ``backend``: a float32 NCHW array in, the output arrays out."""
-    require(backend)
+    runtimes.require(backend)
     exported = _checked_export(model, backend, dtype)
     key = (backend, dtype, torch.get_num_threads(), None)
     if key not in exported.runners:
@@ -152,7 +147,7 @@ def int8_runner(model: nn.Module, backend: str,
                 calibration: Tensor) -> tuple[Callable[[np.ndarray], list[np.ndarray]], quantize.Fidelity]:
     """``peer_runner`` for INT8, quantized with ranges from ``calibration`` (preprocessed images) once per
     weights and images, and its fidelity, measured on the images held out of calibration."""
-    quantize.require(backend)
+    runtimes.require(backend, int8=True)
     exported = _checked_export(model, backend, quantize.INT8)
     digest, threads = quantize.digest(calibration), torch.get_num_threads()
     key = (backend, quantize.INT8, threads, digest)

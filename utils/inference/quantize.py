@@ -13,7 +13,6 @@ fifth is kept out of calibration and compared between the two (``Fidelity``).
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import logging
 import os
@@ -35,22 +34,6 @@ MAX_IMAGES = 300  # NNCF's default subset: more images add minutes, not accuracy
 HOLD_OUT = 5  # every fifth image measures fidelity instead of calibrating, from 2 * HOLD_OUT images up
 MISSING = ("dtype='int8' needs calibration=: 50 to 300 images like those the model will see, as a folder, "
            "image paths or a preprocessed (N, 3, H, W) tensor")
-
-
-@functools.cache
-def openvino_core():
-    """The process's one openvino.Core, which reads and compiles every OpenVINO model here: with a Core per
-    model, the process crashed once two INT8 models had come and gone (a corrupted heap, met seconds later
-    in unrelated code)."""
-    import openvino
-
-    return openvino.Core()
-
-
-def require(backend: str) -> None:
-    if not runtimes.installed(backend, int8=True):
-        raise ImportError(f"INT8 in {backend} needs {' and '.join(runtimes.packages(backend, int8=True))}: "
-                          f"{runtimes.install(backend, int8=True)}")
 
 
 @dataclass(frozen=True)
@@ -128,7 +111,7 @@ def digest(images: Tensor) -> str:
 def quantize(onnx: bytes, backend: str, images: Tensor) -> bytes | tuple[bytes, bytes]:
     """``onnx`` quantized for ``backend`` with ranges from ``images``: OpenVINO's IR (XML, weights) for
     OpenVINO, QDQ ONNX bytes for ONNX Runtime."""
-    require(backend)
+    runtimes.require(backend, int8=True)
     samples = [images[i:i + 1].numpy() for i in range(len(images))]
     if backend == "openvino":
         import nncf
@@ -136,7 +119,7 @@ def quantize(onnx: bytes, backend: str, images: Tensor) -> bytes | tuple[bytes, 
         import openvino.passes
 
         nncf.set_log_level(logging.ERROR)
-        model = openvino_core().read_model(onnx)
+        model = runtimes.openvino_core().read_model(onnx)
         # Folded first: the ONNX reader leaves each convolution's bias as an addition of a reshape computed
         # at run time, which NNCF does not see as the convolution's bias and quantizes on its own, costing
         # a model fine-tuned on digits 13 points of top-1 (0.3 once folded).
