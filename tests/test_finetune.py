@@ -16,6 +16,7 @@ from PIL import Image
 from models import create_model
 from models import resnet as models_resnet
 from utils import finetune
+from utils.images.dataset import ImageFiles
 from utils.images.preprocess import Preprocess
 from utils.training import augment, loop, plot, resume, run
 from utils.training import data as training_data
@@ -191,13 +192,13 @@ def test_each_samples_augmentation_depends_on_the_seed_the_epoch_and_its_index_a
     train, _ = data
     _, samples = training_data.class_folders(train, "TRAIN_DIR")
     evaluation = Preprocess(64, 64, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    dataset = training_data.Images(samples, augment.Augment("crop", evaluation, 0.08), seed=3)
+    dataset = ImageFiles.labelled(samples, augment.Augment("crop", evaluation, 0.08), seed=3)
     dataset.epoch = 2
-    forward = [dataset[i][0] for i in (5, 6, 7)]
+    forward = [dataset[i][1] for i in (5, 6, 7)]
     torch.manual_seed(123)  # the global generator, which each DataLoader worker seeds its own way, plays no part
-    assert all(torch.equal(x, dataset[i][0]) for x, i in zip(forward, (5, 6, 7)))
+    assert all(torch.equal(x, dataset[i][1]) for x, i in zip(forward, (5, 6, 7)))
     dataset.epoch = 3
-    assert not torch.equal(forward[0], dataset[5][0])
+    assert not torch.equal(forward[0], dataset[5][1])
 
 
 def test_a_derived_learning_rate_resumes_without_being_given_again(data, tmp_path, capsys):

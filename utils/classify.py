@@ -112,7 +112,7 @@ def classify(args: argparse.Namespace, model: nn.Module, paths: list[Path], devi
     dataset = ImageFiles(paths, model.preprocess, strict=False)
     progress = tqdm(total=len(paths), unit="image", disable=len(paths) <= args.batch_size, file=sys.stderr)
     with progress as bar, torch.inference_mode():
-        for indices, images, errors in batches(dataset, args.batch_size, args.workers, device):
+        for indices, images, _, errors in batches(dataset, args.batch_size, args.workers, device):
             top = model(images.to(device)).softmax(dim=1).topk(topk)
             for row, (index, error) in enumerate(zip(indices.tolist(), errors)):
                 if error:

@@ -30,10 +30,8 @@ def count_correct(models: list[nn.Module], shard: list[tuple[Path, int]], prepro
     slowest one's seconds. With no models, the images are only decoded and preprocessed (the input
     pipeline's speed). The first image that cannot be read raises ImageError."""
     rank = dist.get_rank() if world > 1 else 0
-    labels = torch.tensor([label for _, label in shard])
     # Not strict: a worker's exception would come back as a multi-line traceback; the error alone is enough.
-    loader = batches(ImageFiles([path for path, _ in shard], preprocess, strict=False), batch_size,
-                     workers, device)
+    loader = batches(ImageFiles.labelled(shard, preprocess, strict=False), batch_size, workers, device)
     counts = torch.zeros(2 * len(models) + 1, dtype=torch.int64, device=device)  # (top-1, top-5 hits)s, images
     start = time.perf_counter()
     progress = tqdm(total=len(shard), unit="image", disable=rank != 0, file=sys.stderr,
@@ -41,14 +39,14 @@ def count_correct(models: list[nn.Module], shard: list[tuple[Path, int]], prepro
     error = None
     with torch.inference_mode(), progress as bar:
         try:
-            for indices, images, errors in loader:
+            for indices, images, labels, errors in loader:
                 if any(errors):
                     raise ImageError(next(e for e in errors if e))
                 if models:  # (without, the decoding pipeline alone is measured)
-                    target = labels[indices].to(device, non_blocking=True)
+                    labels = labels.to(device, non_blocking=True)
                     images = images.to(device, non_blocking=True)
                 for i, model in enumerate(models):
-                    counts[2 * i:2 * i + 2] += hits(model(images), target)
+                    counts[2 * i:2 * i + 2] += hits(model(images), labels)
                 counts[-1] += len(indices)
                 bar.update(len(indices))
         except ImageError as e:

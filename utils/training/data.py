@@ -1,16 +1,11 @@
-"""The training images: class folders, the validation split, a check that every image opens, and the
-Dataset that gives each sample its own random numbers."""
+"""The training images: class folders, the validation split, and a check that every image opens."""
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import sys
 from pathlib import Path
 
-import torch
-from torch import Tensor
-from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from models.finetuned import class_name_ok
@@ -91,21 +86,3 @@ def check_readable(samples: list[tuple[Path, int]]) -> list[int]:
 def auto_workers(areas: list[int]) -> int:
     """Small images decode faster in the main process than through worker processes."""
     return 0 if sorted(areas)[len(areas) // 2] <= SMALL_IMAGE else min(8, os.cpu_count() or 1)
-
-
-class Images(Dataset):
-    """(image, label) pairs. With a ``seed``, the transform gets a generator seeded by (seed, epoch,
-    index): each sample's augmentation is the same whichever process or DataLoader worker makes it."""
-
-    def __init__(self, samples: list[tuple[Path, int]], transform, seed: int | None = None):
-        self.samples, self.transform, self.seed, self.epoch = samples, transform, seed, 0
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        path, label = self.samples[index]
-        if self.seed is None:
-            return self.transform(path), label
-        key = hashlib.blake2b(f"{self.seed} {self.epoch} {index}".encode(), digest_size=7).digest()
-        return self.transform(path, torch.Generator().manual_seed(int.from_bytes(key, "little"))), label

@@ -9,15 +9,14 @@ import sys
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from models import create_model
+from utils.images.dataset import ImageFiles, batches
 from utils.images.decode import ImageError
 from utils.system.accuracy import hits
 from utils.system.distributed import check_together
 from utils.training import FinetuneError
-from utils.training.data import Images
 
 AMP = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -70,11 +69,11 @@ def train_epoch(model, loader, optimizer, schedule, loss_fn, scaler, amp, ctx, e
     total = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # loss sum, images
     bar = tqdm(loader, desc=f"epoch {epoch}/{args.epochs}", unit="batch", disable=not ctx.main or None, file=sys.stderr,
                leave=False)
-    batches = iter(bar)
+    stream = iter(bar)
     for _ in range(len(loader)):
         failure = None
         try:
-            images, labels = next(batches)
+            _, images, labels, _ = next(stream)
         except ImageError as e:  # damage the check before training could not see, in this process's share
             failure = e
         check_together(failure)
@@ -102,13 +101,12 @@ def validate(model, samples, preprocess, args, ctx, num_classes: int) -> tuple[f
     process takes every WORLD_SIZE-th image and the sums are added up."""
     model.eval()
     shard = samples[ctx.rank::ctx.world]
-    loader = DataLoader(Images(shard, preprocess), batch_size=args.batch_size, num_workers=args.workers,
-                        pin_memory=ctx.device.type == "cuda")
+    loader = batches(ImageFiles.labelled(shard, preprocess), args.batch_size, args.workers, ctx.device)
     sums = torch.zeros(4, dtype=torch.float64, device=ctx.device)  # top-1 hits, top-5 hits, loss, images
     bar = tqdm(loader, desc="validation", unit="batch", disable=not ctx.main or None, file=sys.stderr, leave=False)
     failure = None
     try:  # no collective inside: the processes' shares differ in length
-        for images, labels in bar:
+        for _, images, labels, _ in bar:
             images = images.to(ctx.device, non_blocking=True, memory_format=torch.channels_last)
             labels = labels.to(ctx.device, non_blocking=True)
             logits = model(images).float()

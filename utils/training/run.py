@@ -14,13 +14,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from models import finetuned
+from utils.images.dataset import ImageFiles
 from utils.images.preprocess import Preprocess
 from utils.system.distributed import Context, start
 from utils.system.hardware import check_native
 from utils.text import first
 from utils.training import FinetuneError
 from utils.training.augment import AUGMENTATIONS, Augment
-from utils.training.data import Images, auto_workers, check_readable, class_folders, split
+from utils.training.data import auto_workers, check_readable, class_folders, split
 from utils.training.loop import (
     AMP,
     build_model,
@@ -90,7 +91,7 @@ class Training:
     scaler: torch.amp.GradScaler
     amp: torch.dtype | None
     loss_fn: nn.Module
-    dataset: Images
+    dataset: ImageFiles
     val_transform: Preprocess
     description: dict
     recipe: dict
@@ -171,7 +172,8 @@ def set_up(args, classes: list[str], train, ctx: Context, steps: int) -> Trainin
         optimizer=optimizer, schedule=make_schedule(optimizer, round(args.warmup_epochs * steps), args.epochs * steps),
         scaler=torch.amp.GradScaler(ctx.device.type, enabled=amp == torch.float16), amp=amp,
         loss_fn=nn.CrossEntropyLoss(label_smoothing=args.label_smoothing),
-        dataset=Images(train, Augment(args.augment, val_transform, args.crop_scale or 1.0), seed=args.seed),
+        dataset=ImageFiles.labelled(train, Augment(args.augment, val_transform, args.crop_scale or 1.0),
+                                    seed=args.seed),
         val_transform=val_transform, description=description, recipe=recipe)
 
 
@@ -186,7 +188,7 @@ def restore(run: Training, state: dict) -> Progress:
                     list(state.get("history", [])))
 
 
-def epoch_loader(dataset: Images, args, ctx: Context, epoch: int) -> DataLoader:
+def epoch_loader(dataset: ImageFiles, args, ctx: Context, epoch: int) -> DataLoader:
     """The epoch's batches. The order follows from --seed and the epoch, each image's augmentation from them
     and its index: a resumed run repeats them exactly, with any --workers."""
     sampler = (torch.utils.data.DistributedSampler(dataset, ctx.world, ctx.rank, shuffle=True, seed=args.seed,
