@@ -179,6 +179,12 @@ def published_url(weight_set: WeightSet) -> str:
     return base.rstrip("/") + "/" + weight_set.file_name
 
 
+def weights_file(entry: str, weights: str | os.PathLike | None = None, progress: bool = True) -> tuple[Path, str]:
+    """The local file that ``create_model(entry, weights=weights)`` loads, fetched and verified as it is, and
+    where it came from: what a tool records to say which weights made its results."""
+    return _checkpoint(WEIGHTS[entry], weights, progress)
+
+
 def _checkpoint(weight_set: WeightSet | None, weights: str | os.PathLike | None, progress: bool) -> tuple[Path, str]:
     """The local path of the checkpoint to load (``weights``, else ``weight_set``'s), and where it came from."""
     if weights is None:

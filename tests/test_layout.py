@@ -12,8 +12,9 @@ from .conftest import REPO
 # are independent of each other. A module belongs to the longest group name that prefixes its name.
 LAYERS = (
     ("utils",),  # re-exports utils.optimize_for_inference
-    ("utils.classify", "utils.evaluate", "utils.finetune", "utils.benchmark", "utils.export", "utils.cache"),
-    ("utils.cli", "utils.training"),  # what the commands share; fine-tuning
+    ("utils.classify", "utils.evaluate", "utils.finetune", "utils.benchmark", "utils.export", "utils.cache",
+     "utils.embed", "utils.probe"),
+    ("utils.cli", "utils.training", "utils.features"),  # what the commands share; fine-tuning; frozen features
     ("models",),  # architectures, the registry, building a model and loading its weights
     ("utils.inference",),  # fast inference and export of any ResNet of torchvision's layout
     ("utils.system",),  # the machine and its processes: native precisions, timing, torchrun, accuracy counts

@@ -31,7 +31,9 @@ class Parser(argparse.ArgumentParser):
         sys.exit(give_up(2, f"{self.format_usage()}{self.prog}: error: {message}"))
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, batch_size: int) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, batch_size: int, backend: str = "torch") -> None:
+    """The options of the commands that run a model over images; ``backend``, the float default, is the
+    command's to apply where --backend is left out (None)."""
     add_entry_arguments(parser)
     parser.add_argument("--batch-size", type=batch_size_value, default=batch_size, help=f"default {batch_size}")
     parser.add_argument("--workers", type=count, default=min(8, os.cpu_count() or 1),
@@ -47,7 +49,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, batch_size: int) -> Non
                              "glob patterns), which set the INT8 ranges")
     parser.add_argument("--backend", choices=BACKENDS,
                         help="what runs the model: torch, onnxruntime or openvino (CPU, optional installs), or auto "
-                             "for the fastest of those installed, timed on the first batch (default: torch; for "
+                             f"for the fastest of those installed, timed on the first batch (default: {backend}; for "
                              "int8, the faster INT8 runtime installed)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
 
