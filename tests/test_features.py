@@ -265,10 +265,15 @@ def test_probe_reports_both_probes_and_its_best_pth_is_the_probe(images, feats, 
     assert relative_error(from_images.numpy(), from_features.numpy()) < 1e-4
     labels = torch.tensor([CLASSES.index(c) for _, c in index[1:]])
     assert 100 * (from_images.argmax(1) == labels).float().mean().item() == pytest.approx(result["linear_top1"])
-    from utils.evaluate import main as evaluate_main
-    assert evaluate_main([str(images / "val"), "--weights", str(tmp_path / "out" / "best.pth"), "--json",
+    from utils import evaluate, export
+    assert evaluate.main([str(images / "val"), "--weights", str(tmp_path / "out" / "best.pth"), "--json",
                           "--workers", "0", "--device", "cpu"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["top1"] == pytest.approx(result["linear_top1"])
+    # The other tools take it with nothing else: an optimised copy, and a checked TorchScript export.
+    x = torch.stack([model.preprocess(images / "val" / p) for p, _ in index[1:4]])
+    with torch.inference_mode():
+        assert relative_error(model.optimize_for_inference()(x).numpy(), model(x).numpy()) < 1e-4
+    assert export.main([str(tmp_path / "probe.pt"), "--weights", str(tmp_path / "out" / "best.pth")]) == 0
 
 
 def test_the_c_is_chosen_on_training_rows_alone(feats, tmp_path, capsys):
