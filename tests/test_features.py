@@ -162,7 +162,7 @@ main(sys.argv[1:])
 
 @pytest.mark.parametrize("moment", KILL)
 def test_a_run_killed_at_any_moment_is_never_taken_as_done_and_continues_with_only_what_is_missing(
-        images, weights, feats, tmp_path, moment):
+        images, weights, feats, tmp_path, capsys, moment):
     whole, out = feats / "train", tmp_path / "out"  # the uninterrupted run
     args = [str(images / "train"), "--weights", str(weights), *COMMON, "--backend", "torch", "--batch-size", "4"]
     name, body = KILL[moment]
@@ -186,6 +186,13 @@ def test_a_run_killed_at_any_moment_is_never_taken_as_done_and_continues_with_on
     (a, index_a, _), (b, index_b, meta_b) = rows(whole), rows(out)
     assert index_a == index_b and relative_error(b, np.asarray(a)) < 1e-5
     assert meta_b["complete"] and not (out / "parts").exists() and not list(out.glob(".*.tmp"))
+    # Once complete, a run into the folder embeds nothing and says so.
+    features_folder.FeatureFolder.write_part = lambda *a: pytest.fail("a complete folder was embedded again")
+    try:
+        assert embed_main([*args, "--output", str(out), "--json"]) == 0
+    finally:
+        features_folder.FeatureFolder.write_part = original
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["already_complete"] is True
 
 
 @pytest.mark.parametrize("change", ["--img-size", "--weights", "--float16", "--backend", "images", "--model"])

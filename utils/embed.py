@@ -98,9 +98,10 @@ def embed(args: argparse.Namespace) -> int:
         if ctx.main:  # the weights fetched, and the folder checked, before any model is built
             meta = folder.prepare(identity(args, rows, folder.chunk, description))
         check_together()
-        if not (meta or folder.meta()).get("complete"):
+        complete = (meta or folder.meta()).get("complete")
+        if not complete:
             meta = run(args, ctx, folder, rows, meta)
-        return report(args, meta) if ctx.main else 0
+        return report(args, meta, already=complete) if ctx.main else 0
     finally:
         folder.close()
 
@@ -161,8 +162,9 @@ def describe_choices(model: torch.nn.Module, backend: str | None) -> dict:
     return {"x".join(map(str, shape)): name for shape, name in choices.items()}
 
 
-def report(args: argparse.Namespace, meta: dict) -> int:
-    """The summary line (or JSON object); exit status 1 if some images could not be read."""
+def report(args: argparse.Namespace, meta: dict, already: bool = False) -> int:
+    """The summary line (or JSON object), ``already`` for a folder that an earlier run completed; exit
+    status 1 if some images could not be read."""
     unreadable = []
     if meta["unreadable"]:
         with open(args.output / "unreadable.csv", newline="", encoding="utf-8") as f:
@@ -170,10 +172,12 @@ def report(args: argparse.Namespace, meta: dict) -> int:
     if args.json:
         print(json.dumps({"output": str(args.output), "model": meta["entry"], "rows": meta["rows"],
                           "feature_size": meta["feature_size"], "dtype": meta["file_dtype"],
-                          "unreadable": meta["unreadable"], **meta.get("runtime", {})}))
+                          "unreadable": meta["unreadable"], "already_complete": bool(already),
+                          **meta.get("runtime", {})}))
     else:
         speed = meta.get("runtime", {}).get("images_per_second")
-        print(f"{meta['entry']}: {meta['rows']} images embedded into {args.output}/features.npy "
+        done = "were embedded by an earlier run into" if already else "embedded into"
+        print(f"{meta['entry']}: {meta['rows']} images {done} {args.output}/features.npy "
               f"({meta['rows']} x {meta['feature_size']}, {meta['file_dtype']}"
               + (f", {speed} images/s)" if speed else ")"))
     if unreadable:
