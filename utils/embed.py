@@ -13,7 +13,8 @@ model, weights, transform or image list is refused. Under torchrun each process 
 the chunks, on one machine or several (FEATS on a shared file system); the rows are the one-process
 rows. The model runs on the fastest faithful backend installed (--backend auto), and images decode in
 --workers processes. Unreadable images are listed (FEATS/unreadable.csv) and get no row: the exit
-status is then 1; 2 if nothing could be run.
+status is then 1 (a later run into the finished folder does not retry them: embed them, once repaired,
+into a folder of their own); 2 if nothing could be run.
 """
 from __future__ import annotations
 
