@@ -35,6 +35,8 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from folders import save_split  # noqa: E402  (benchmarks/, this script's folder)
+
 from models import create_model  # noqa: E402
 from utils import embed, finetune, probe  # noqa: E402
 from utils.features import knn  # noqa: E402
@@ -50,12 +52,7 @@ def write_digits(root: Path, digits: range, size: int, limit: int | None = None)
     keep = np.flatnonzero(np.isin(d.target, list(digits)))[:limit]
     images, labels = np.round(d.images[keep] * (255 / 16)).astype(np.uint8), d.target[keep]
     train, val = train_test_split(np.arange(len(keep)), test_size=0.2, stratify=labels, random_state=0)
-    for split, chosen in (("train", train), ("val", val)):
-        for i in chosen:
-            folder = root / split / str(labels[i])
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(images[i]).convert("RGB").resize((size, size), Image.BILINEAR).save(folder / f"{i}.png")
-    return root / "train", root / "val"
+    return tuple(save_split(images, labels, {"train": train, "val": val}, root, size))
 
 
 def repeated_digits(root: Path, count: int) -> Path:

@@ -42,6 +42,8 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from folders import save_split  # noqa: E402  (benchmarks/, this script's folder)
+
 from models import create_model  # noqa: E402
 from models.registry import MEAN, STD  # noqa: E402
 from utils import evaluate, finetune  # noqa: E402
@@ -72,12 +74,7 @@ def write(name: str, root: Path, size: int, subset: float = 1.0) -> tuple[Path, 
     train, val = train_test_split(index, test_size=0.2, stratify=labels, random_state=0)
     if subset < 1:
         train, _ = train_test_split(train, train_size=subset, stratify=labels[train], random_state=0)
-    for split, chosen in (("train", train), ("val", val)):
-        for i in chosen:
-            folder = base / split / str(labels[i])
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(images[i]).convert("RGB").resize((size, size), Image.BILINEAR).save(folder / f"{i}.png")
-    return base / "train", base / "val"
+    return tuple(save_split(images, labels, {"train": train, "val": val}, base, size))
 
 
 def tensors(root: Path) -> tuple[torch.Tensor, torch.Tensor]:
