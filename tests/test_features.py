@@ -372,3 +372,13 @@ def test_probe_refuses_features_it_cannot_use_in_one_line(feats, tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and REFUSALS[kind] in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+def test_knn_gives_the_same_hits_whatever_the_batches_of_val_rows(monkeypatch):
+    generator = torch.Generator().manual_seed(0)
+    train, val = torch.randn(500, 16, generator=generator), torch.randn(300, 16, generator=generator)
+    labels = torch.randint(0, 7, (500,), generator=generator)
+    val_labels = torch.randint(0, 7, (300,), generator=generator)
+    whole = knn.knn_hits(train, labels, val, val_labels, 7)
+    monkeypatch.setattr(knn, "SIMILARITIES", 500 * 7)  # batches of 7 val rows, the last of 6
+    assert knn.knn_hits(train, labels, val, val_labels, 7) == whole and sum(whole[10]) > 0

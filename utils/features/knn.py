@@ -9,11 +9,15 @@ KS = (1, 5, 10, 20, 50, 100)  # 10 to 100 as DINO reports them; 1 and 5 for smal
 TEMPERATURE = 0.07
 
 
+SIMILARITIES = 2**26  # per batch of val rows (256 MiB of float32), whatever the number of training rows
+
+
 def knn_hits(train: Tensor, train_labels: Tensor, val: Tensor, val_labels: Tensor, num_classes: int,
-             ks: tuple[int, ...] = KS, temperature: float = TEMPERATURE, batch: int = 1024) -> dict[int, list[int]]:
+             ks: tuple[int, ...] = KS, temperature: float = TEMPERATURE) -> dict[int, list[int]]:
     """{k: [top-1 hits, top-5 hits]} of the val rows, for each k of ``ks`` the training rows allow (all of
     them, where there are fewer than the smallest k)."""
     ks = tuple(k for k in ks if k <= len(train)) or (len(train),)
+    batch = max(1, SIMILARITIES // len(train))
     train = torch.nn.functional.normalize(train.float(), dim=1)
     hits = {k: torch.zeros(2, dtype=torch.int64) for k in ks}
     for rows in torch.arange(len(val)).split(batch):

@@ -47,7 +47,7 @@ def fit(x: Tensor, y: Tensor, num_classes: int, cs: tuple[float, ...], max_iter:
         params.grad = torch.cat([grad_w.flatten(), grad_b.flatten()])
         return loss
 
-    optimizer = torch.optim.LBFGS([params], lr=1, max_iter=max_iter, history_size=20, tolerance_grad=1e-9,
+    optimizer = torch.optim.LBFGS([params], lr=1, max_iter=max_iter, history_size=10, tolerance_grad=1e-9,
                                   tolerance_change=1e-12, line_search_fn="strong_wolfe")
     optimizer.step(closure)
     return params[:heads * d * k].view(heads, d, k).clone(), params[heads * d * k:].view(heads, k).clone()
