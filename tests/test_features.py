@@ -195,6 +195,29 @@ def test_a_run_killed_at_any_moment_is_never_taken_as_done_and_continues_with_on
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["already_complete"] is True
 
 
+def test_a_damaged_part_is_embedded_again_not_taken_as_done(images, weights, feats, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    args = [str(images / "train"), "--output", str(out), "--weights", str(weights), *COMMON, "--backend", "torch"]
+
+    def stop(*_):
+        raise KeyboardInterrupt  # the run stops once every part is written, before the folder is assembled
+
+    with monkeypatch.context() as patch:
+        patch.setattr(features_folder.FeatureFolder, "assemble", stop)
+        with pytest.raises(KeyboardInterrupt):
+            embed_main(args)
+    parts = sorted((out / "parts").glob("*.npz"))
+    parts[1].write_bytes(parts[1].read_bytes()[:200])  # as a failing disk would leave it, under its final name
+    written = []
+    original = features_folder.FeatureFolder.write_part
+    monkeypatch.setattr(features_folder.FeatureFolder, "write_part",
+                        lambda self, start, *a: (written.append(start), original(self, start, *a))[1])
+    assert embed_main(args) == 0
+    assert written == [int(parts[1].stem)]
+    (a, index_a, _), (b, index_b, _) = rows(feats / "train"), rows(out)
+    assert index_a == index_b and relative_error(b, np.asarray(a)) < 1e-5
+
+
 @pytest.mark.parametrize("change", ["--img-size", "--weights", "--float16", "--backend", "images", "--model"])
 def test_a_run_into_a_folder_made_another_way_is_refused_and_the_folder_left_as_it_was(
         images, weights, feats, tmp_path, capsys, change):

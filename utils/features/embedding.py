@@ -39,19 +39,20 @@ def embed_chunks(model: nn.Module, folder: FeatureFolder, rows: list[Row], start
             n = len(indices)
             if n < batch_size and getattr(model, "choices", None) is not None:  # "auto": pad the last batch
                 images = torch.cat([images, images.new_zeros(batch_size - n, *images.shape[1:])])  # not to race again
-            start = time.perf_counter()
+            tick = time.perf_counter()
             out = model(images.to(device, non_blocking=True))[:n].float().cpu().numpy()
             if later is not None and embedded:  # timed on the second batch: the first pays one-time warm-ups
-                if (time.perf_counter() - start) / n * (len(order) - embedded - n) >= AUTO_PAYS_AFTER:
+                if (time.perf_counter() - tick) / n * (len(order) - embedded - n) >= AUTO_PAYS_AFTER:
                     model = later()
                 later = None
             embedded += n
             for j, (k, error) in enumerate(zip(indices.tolist(), errors)):
                 row = order[k]
                 start = row - row % chunk
-                features, errs, done = open_chunks.setdefault(
-                    start, (np.zeros((min(chunk, len(rows) - start), size), dtype=file_dtype),
-                            [""] * min(chunk, len(rows) - start), [0]))
+                if start not in open_chunks:  # its buffer, made once
+                    length = min(chunk, len(rows) - start)
+                    open_chunks[start] = (np.zeros((length, size), dtype=file_dtype), [""] * length, [0])
+                features, errs, done = open_chunks[start]
                 if error:
                     errs[row - start] = error
                 else:

@@ -18,6 +18,8 @@ import io
 import json
 import os
 import shutil
+import zipfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +42,6 @@ def chunk_size(rows: int) -> int:
 IDENTITY = {"format": "the format", "entry": "--model", "weights": "--weights", "transform": "--img-size",
             "feature_size": "--model", "backend": "--backend", "dtype": "--dtype", "file_dtype": "--float16",
             "images": "the images", "chunk": "the chunk size"}
-FILES = ("features.npy", "index.csv", "meta.json", "unreadable.csv", "parts", ".lock")
 
 
 class FeaturesError(ValueError):
@@ -74,10 +75,7 @@ def find_rows(patterns: list[str]) -> tuple[list[Row], list[tuple[str, str]]]:
             if row.file.resolve() not in seen:
                 seen.add(row.file.resolve())
                 rows.append(row)
-    names: dict[str, int] = {}
-    for row in rows:
-        names[row.path] = names.get(row.path, 0) + 1
-    twice = [name for name, n in names.items() if n > 1]
+    twice = [name for name, n in Counter(row.path for row in rows).items() if n > 1]
     if twice:
         raise FeaturesError(f"{len(twice)} index path(s) stand for two images ({first(twice)}): the folders given "
                             "hold the same relative paths; embed each folder into its own --output")
@@ -142,10 +140,27 @@ class FeatureFolder:
         """The first rows of the chunks not yet written whole; a damaged part is removed and counted missing."""
         missing = []
         for start in self.starts(rows):
-            if self.read_part(start, min(self.chunk, rows - start), feature_size, dtype) is None:
+            if not self._part_fits(start, min(self.chunk, rows - start), feature_size, dtype):
                 (self.parts / f"{start:010d}.npz").unlink(missing_ok=True)
                 missing.append(start)
         return missing
+
+    def _part_fits(self, start: int, rows: int, feature_size: int, dtype: str) -> bool:
+        """Whether the part is there with the arrays the run needs, read from their headers alone: a resumed
+        run does not read every finished row again."""
+        try:
+            with zipfile.ZipFile(self.parts / f"{start:010d}.npz") as part:
+                headers = {}
+                for name in ("features", "errors"):
+                    with part.open(f"{name}.npy") as f:
+                        version = np.lib.format.read_magic(f)
+                        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                            np.lib.format.read_array_header_2_0
+                        headers[name] = read(f)
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            return False
+        (shape, _, kind), (count, _, _) = headers["features"], headers["errors"]
+        return shape == (rows, feature_size) and kind == np.dtype(dtype) and count == (rows,)
 
     def write_part(self, start: int, features: np.ndarray, errors: list[str]) -> None:
         """Rows ``start`` on: their features (zeros where an image could not be read) and errors ("" if none)."""
@@ -170,14 +185,16 @@ class FeatureFolder:
         """features.npy, index.csv and unreadable.csv from the parts, then meta.json marked complete and the
         parts removed: each file whole, meta.json last."""
         size, dtype = meta["feature_size"], meta["file_dtype"]
-        parts = [(start, self.read_part(start, min(self.chunk, len(rows) - start), size, dtype))
-                 for start in self.starts(len(rows))]
-        failed = [(rows[s + i], e) for s, (_, errors) in parts for i, e in enumerate(errors) if e]
+        failed = []  # the errors first (small), so that features.npy's size is known; then one part at a time
+        for start in self.starts(len(rows)):
+            with np.load(self.parts / f"{start:010d}.npz", allow_pickle=False) as part:
+                failed += [(rows[start + i], e) for i, e in enumerate(part["errors"].tolist()) if e]
         count = len(rows) - len(failed)
         with replacing(self.path / "features.npy", self.path / f".features.npy.{os.getpid()}.tmp") as temporary:
             out = np.lib.format.open_memmap(temporary, mode="w+", dtype=dtype, shape=(count, size))
             at = 0
-            for _, (features, errors) in parts:
+            for start in self.starts(len(rows)):
+                features, errors = self.read_part(start, min(self.chunk, len(rows) - start), size, dtype)
                 ok = np.array([not e for e in errors], dtype=bool)
                 out[at:at + ok.sum()] = features[ok]
                 at += int(ok.sum())

@@ -64,9 +64,9 @@ def held_out(y: Tensor, fraction: float = HELD_OUT, seed: int = 0) -> tuple[Tens
     for label in y.unique().tolist():
         rows = (y == label).nonzero().flatten().tolist()
         rng.shuffle(rows)
-        n = round(len(rows) * fraction) if len(rows) > 1 else 0
-        kept += rows[:max(n, 1 if len(rows) > 1 else 0)]
-        train += rows[max(n, 1 if len(rows) > 1 else 0):]
+        n = max(1, round(len(rows) * fraction)) if len(rows) > 1 else 0
+        kept += rows[:n]
+        train += rows[n:]
     return torch.tensor(sorted(train)), torch.tensor(sorted(kept))
 
 
