@@ -114,9 +114,11 @@ class ResNet(nn.Module, metaclass=Portable):
         self.layer3 = self._make_layer(block, 256, layers[2], stride=2, dilate=dilate[1])
         self.layer4 = self._make_layer(block, 512, layers[3], stride=2, dilate=dilate[2])
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.num_features = 512 * block.expansion
+        self.global_pool = "avg"  # timm's name of the pooling; "" after reset_classifier(0, "")
+        self.num_features = self.head_hidden_size = 512 * block.expansion
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
         self.grad_checkpointing = False
+        self.feature_info = _feature_info(block, dilate)
 
         # On the meta device there is nothing to initialise (and the init functions would import
         # torch._dynamo there, a second and a half): the checkpoint's tensors are assigned instead.
@@ -169,10 +171,11 @@ class ResNet(nn.Module, metaclass=Portable):
 
     def fusable(self) -> bool:
         """Whether this model computes exactly ``ResNet.forward`` (or ``ResNetFeatures.forward``) with this
-        file's blocks, which the fused CPU path of ``optimize_for_inference`` reproduces; a subclass or another
-        block may compute something else."""
-        blocks = [b for name in FEATURE_MODULES[1:] if hasattr(self, name) for b in getattr(self, name)]
-        return type(self) in (ResNet, ResNetFeatures) and all(type(b) in BLOCKS.values() for b in blocks)
+        file's blocks, which the fused CPU path of ``optimize_for_inference`` reproduces; a subclass, another
+        block, a pruned stage or a head without pooling computes something else."""
+        stages = [getattr(self, name) for name in FEATURE_MODULES[1:] if hasattr(self, name)]
+        return (type(self) in (ResNet, ResNetFeatures) and self.global_pool == "avg"
+                and all(isinstance(s, nn.Sequential) and all(type(b) in BLOCKS.values() for b in s) for s in stages))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
@@ -182,14 +185,15 @@ class ResNet(nn.Module, metaclass=Portable):
         if not torch.jit.is_scripting():  # TorchScript compiles neither the input check nor checkpointing
             check_input(x, self.conv1.weight)
             if self.grad_checkpointing and torch.is_grad_enabled():
-                return self._checkpointed(x, (4,))[0]
+                return self._stage_maps(x, (4,))[0]
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """Pooling and the classifier on ``forward_features``' map; with ``pre_logits``, the pooled features
         (timm's ``forward_head``)."""
-        x = torch.flatten(self.avgpool(x), 1)
+        if self.global_pool:
+            x = torch.flatten(self.avgpool(x), 1)
         return x if pre_logits else self.fc(x)
 
     def get_classifier(self) -> nn.Module:
@@ -197,17 +201,56 @@ class ResNet(nn.Module, metaclass=Portable):
 
     def reset_classifier(self, num_classes: int, global_pool: str = "avg") -> None:
         """A new, randomly initialised ``num_classes``-class head, or none (pooled features) for 0, as timm's
-        ``reset_classifier``; ``pretrained_cfg`` says so."""
-        if global_pool != "avg":
-            raise ValueError(f"these models pool by averaging: global_pool='avg', got {global_pool!r}")
+        ``reset_classifier``; ``pretrained_cfg`` says so. ``global_pool=""`` with 0 drops the pooling too:
+        the head then returns the last feature map."""
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
             raise ValueError(f"num_classes must be a whole number >= 0 (0: no head), got {num_classes!r}")
+        if global_pool not in ("avg", "") or (num_classes and not global_pool):
+            raise ValueError("these models pool by averaging: global_pool='avg', or '' (no pooling) with "
+                             f"num_classes=0; got global_pool={global_pool!r} with num_classes={num_classes}")
         weight = self.conv1.weight
         self.fc = (nn.Linear(self.num_features, num_classes, device=weight.device, dtype=weight.dtype)
                    if num_classes else nn.Identity())
+        self.global_pool = global_pool
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1)) if global_pool else nn.Identity()
         if hasattr(self, "pretrained_cfg"):
             self.pretrained_cfg = {**self.pretrained_cfg, "num_classes": num_classes, "classes": None,
                                    "wnids": None, "head": "new" if num_classes else None}
+
+    def forward_intermediates(self, x: Tensor, indices: int | Sequence[int] | None = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """timm's ``forward_intermediates``: the feature maps of the stages that ``indices`` picks (0 the stem,
+        1-4 ``layer1``-``layer4``; None all five, n the last n, negative numbers from the end), in stage
+        order; unless ``intermediates_only``, the last map first (``forward_features``' map, or with
+        ``stop_early`` that of the last stage picked). ``norm`` changes nothing: a ResNet has no final norm."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"these models give NCHW feature maps: output_fmt='NCHW', got {output_fmt!r}")
+        take = feature_take_indices(indices)
+        check_input(x, self.conv1.weight)
+        end = max(take) if stop_early or intermediates_only else len(FEATURE_MODULES) - 1
+        keep = tuple(sorted(set(take) | {end}))
+        maps = self._stage_maps(x, keep)
+        intermediates = [m for i, m in zip(keep, maps) if i in take]
+        return intermediates if intermediates_only else (maps[-1], intermediates)
+
+    def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """timm's ``prune_intermediate_layers``: the stages past the last one ``indices`` picks become
+        ``nn.Identity``, and with ``prune_head`` the pooling and classifier go (``reset_classifier(0, "")``);
+        returns the stage numbers picked. ``prune_norm`` changes nothing: a ResNet has no final norm."""
+        take = feature_take_indices(indices)
+        for name in FEATURE_MODULES[max(take) + 1:]:
+            setattr(self, name, nn.Identity())
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, str]:
+        """timm's ``group_matcher``: regular expressions that group parameter names, in network order, for
+        layer-wise learning-rate decay and freezing by stage: the stem, then each stage (``coarse``) or each
+        block, numbered by the expression's groups; the classifier matches none (timm puts it last)."""
+        return {"stem": r"^(?:conv1|bn1|maxpool)", "blocks": r"^layer(\d+)" if coarse else r"^layer(\d+)\.(\d+)"}
 
     @property
     def default_cfg(self) -> dict:
@@ -226,18 +269,27 @@ class ResNet(nn.Module, metaclass=Portable):
         self.grad_checkpointing = bool(enable)
 
     @torch.jit.unused
-    def _checkpointed(self, x: Tensor, keep: tuple[int, ...]) -> list[Tensor]:
-        """The outputs of the stages in ``keep`` (0 the stem, 1-4 ``layer1``-``layer4``), the stem and every
-        block run under activation checkpointing."""
-        x = _checkpoint(lambda t: self.relu(self.bn1(self.conv1(t))), self.bn1, x)
+    def _stage_maps(self, x: Tensor, keep: tuple[int, ...]) -> list[Tensor]:
+        """The maps of the stages in ``keep`` (0 the stem, 1-4 ``layer1``-``layer4``), no stage past the last
+        of them run; in training with gradient checkpointing on, the stem and every block are checkpointed."""
+        run = _checkpoint if self.grad_checkpointing and torch.is_grad_enabled() else _call
+        x = run(self._stem, self.bn1, x)
         kept = [x] if 0 in keep else []
         x = self.maxpool(x)
         for i in range(1, max(keep) + 1):
-            for block in getattr(self, FEATURE_MODULES[i]):
-                x = _checkpoint(block, block, x)
+            stage = getattr(self, FEATURE_MODULES[i])
+            for block in stage if isinstance(stage, nn.Sequential) else [stage]:  # a pruned stage: nn.Identity
+                x = run(block, block, x)
             if i in keep:
                 kept.append(x)
         return kept
+
+    def _stem(self, x: Tensor) -> Tensor:
+        return self.relu(self.bn1(self.conv1(x)))
+
+
+def _call(function: Callable[[Tensor], Tensor], module: nn.Module, x: Tensor) -> Tensor:
+    return function(x)
 
 
 def _checkpoint(function: Callable[[Tensor], Tensor], module: nn.Module, x: Tensor) -> Tensor:
@@ -267,6 +319,32 @@ def _running_statistics_left_alone(module: nn.Module):
 FEATURE_MODULES = ("relu", "layer1", "layer2", "layer3", "layer4")  # whose outputs are out_indices 0..4: strides 2-32
 
 
+def _feature_info(block: type[BasicBlock] | type[Bottleneck], dilate: Sequence[bool]) -> list[dict]:
+    """timm's ``feature_info``: the module, channels and stride of each stage's map (the stem, layer1-4)."""
+    channels = [64] + [64 * 2**i * block.expansion for i in range(4)]
+    reductions = [2, 4]  # the stem, then layer1 after the max-pool
+    for dilated in dilate:
+        reductions.append(reductions[-1] * (1 if dilated else 2))
+    return [{"module": m, "num_chs": c, "reduction": r} for m, c, r in zip(FEATURE_MODULES, channels, reductions)]
+
+
+def feature_take_indices(indices: int | Sequence[int] | None) -> list[int]:
+    """timm's meaning of ``indices`` over the five stages: None all, n the last n, else the stage numbers
+    given, negative ones counted from the end; ValueError for anything else."""
+    n = len(FEATURE_MODULES)
+    if indices is None:
+        return list(range(n))
+    if isinstance(indices, int) and not isinstance(indices, bool):
+        if not 0 < indices <= n:
+            raise ValueError(f"indices={indices}: the last n stages, with n from 1 to {n}")
+        return list(range(n - indices, n))
+    if (not isinstance(indices, Sequence) or isinstance(indices, str) or not indices
+            or any(isinstance(i, bool) or not isinstance(i, int) or not -n <= i < n for i in indices)):
+        raise ValueError(f"indices must be None, a count of last stages, or stage numbers from 0 (stem) to {n - 1} "
+                         f"(layer4), or negative from the end; got {indices!r}")
+    return [i % n for i in indices]
+
+
 class ResNetFeatures(ResNet):
     """A ResNet backbone that returns feature maps instead of logits, for detection and segmentation.
 
@@ -280,12 +358,7 @@ class ResNetFeatures(ResNet):
                  out_indices: Sequence[int] = (1, 2, 3, 4), **kwargs):
         super().__init__(block, layers, num_classes=0, **kwargs)
         self.out_indices = tuple(out_indices)
-        channels = [64] + [64 * 2**i * block.expansion for i in range(4)]
-        reductions = [2, 4]  # the stem, then layer1 after the max-pool
-        for dilated in kwargs.get("replace_stride_with_dilation") or (False, False, False):
-            reductions.append(reductions[-1] * (1 if dilated else 2))
-        self.feature_info = [{"module": FEATURE_MODULES[i], "num_chs": channels[i], "reduction": reductions[i]}
-                             for i in self.out_indices]
+        self.feature_info = [self.feature_info[i] for i in self.out_indices]
         for name in FEATURE_MODULES[max(self.out_indices) + 1:]:
             delattr(self, name)
         del self.avgpool, self.fc
@@ -294,7 +367,7 @@ class ResNetFeatures(ResNet):
         if not torch.jit.is_scripting():
             check_input(x, self.conv1.weight)
             if self.grad_checkpointing and torch.is_grad_enabled():
-                return self._checkpointed(x, self.out_indices)
+                return self._stage_maps(x, self.out_indices)
         x = self.relu(self.bn1(self.conv1(x)))
         features: list[Tensor] = [x] if 0 in self.out_indices else []
         x = self.maxpool(x)
@@ -320,6 +393,8 @@ class ResNetFeatures(ResNet):
 
     def _no_head(self, *args, **kwargs):
         raise TypeError("a features_only model gives its feature maps from model(x), and has no head: "
-                        "forward_features, forward_head and the classifier methods belong to features_only=False")
+                        "forward_features, forward_head, forward_intermediates and the classifier and pruning "
+                        "methods belong to features_only=False")
 
     forward_features = forward_head = get_classifier = reset_classifier = _no_head
+    forward_intermediates = prune_intermediate_layers = _no_head

@@ -89,8 +89,8 @@ def onnx_program(model: nn.Module, example: Tensor | None = None):
         import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
     except ImportError as e:
         raise ExportError("ONNX export needs the onnx and onnxscript packages: pip install onnx onnxscript") from e
-    features = getattr(model, "feature_info", None)
-    outputs = [f["module"] for f in features] if features else ["logits"]
+    backbone = getattr(model, "out_indices", None) is not None  # its outputs: the maps that feature_info lists
+    outputs = [f["module"] for f in model.feature_info] if backbone else ["logits"]
     # The exporter warns on every call that torchvision's detection operators are not registered:
     # these models use none of them.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)

@@ -99,7 +99,7 @@ def _torch(model: nn.Module, dtype: torch.dtype, channels_last: bool, compile: b
 
 
 def _peer(model: nn.Module, backend: str, dtype: torch.dtype, calibration: Tensor | None = None) -> backends.PeerModel:
-    features = getattr(model, "feature_info", None) is not None
+    features = getattr(model, "out_indices", None) is not None  # a backbone: a list of maps
     if dtype == INT8:
         runner, fidelity = backends.int8_runner(model, backend, calibration)
     else:
