@@ -197,7 +197,8 @@ def _checkpoint(weight_set: WeightSet | None, weights: str | os.PathLike | None,
     if download.is_url(weights, what=f"weights={weights!r}"):
         return checkpoint.fetch(weights, progress=progress), weights
     path = Path(weights).expanduser()
-    return checkpoint.local_file(path, origin=f"weights={weights!r}"), str(path)
+    path = checkpoint.local_file(path, origin=f"weights={weights!r}")  # a model folder's file for a folder
+    return path, str(path)
 
 
 def _arch_kwargs(weight_set: WeightSet, kwargs: dict) -> dict:

@@ -83,6 +83,14 @@ def check(description, origin: str) -> dict:
             "std": tuple(d["std"]), "interpolation": INTERPOLATION, "finetuning": finetuning}
 
 
+def of_model(cfg: dict) -> dict | None:
+    """The description of a model that holds a fine-tuned file's head (``cfg`` is its ``pretrained_cfg``), as a
+    file made from it must carry it; None for any other model (published weights, a new or no head)."""
+    if "finetuning" not in cfg or cfg.get("head") != "pretrained":
+        return None
+    return check(cfg, f"the model of {cfg.get('source')}")
+
+
 WNID = re.compile(r"n\d{8}")
 # Names that print as one line and survive classes.txt: no control characters, no surrounding spaces.
 CLASS_NAME = re.compile(r"[^\x00-\x1f\x7f-\x9f\u2028\u2029]+")

@@ -12,8 +12,10 @@ from pathlib import Path
 PUBLISHED_BASE_URL = "https://dl.fbaipublicfiles.com/semiweaksupervision/model_files/"
 MIRROR_ENV = "SEMI_SUPERVISED_WEIGHTS_MIRROR"  # a base URL (or directory) that replaces PUBLISHED_BASE_URL
 LICENSE = "CC-BY-NC-4.0"
+ORIGINAL_REPOSITORY = "https://github.com/facebookresearch/semi-supervised-ImageNet1K-models"
+ARXIV = "1905.00546"
 PAPER = ("Yalniz et al., \"Billion-scale semi-supervised learning for image classification\", "
-         "arXiv:1905.00546 (2019)")
+         f"arXiv:{ARXIV} (2019)")
 
 # The evaluation recipe the accuracies were measured with.
 MEAN = (0.485, 0.456, 0.406)
@@ -22,6 +24,8 @@ INPUT_SIZE = 224
 CROP_PCT = 0.875
 INTERPOLATION = "bilinear"
 
+# timm's pretrained tag for these weights: timm names them ARCH.TAG, e.g. resnet50.fb_swsl_ig1b_ft_in1k
+TIMM_TAGS = {"ssl": "fb_ssl_yfcc100m_ft_in1k", "swsl": "fb_swsl_ig1b_ft_in1k"}
 SUPERVISION = {
     "ssl": ("semi-supervised", "student pre-trained on a subset of unlabelled YFCC100M selected by a "
             "ResNeXt-101 32x48d teacher trained on ImageNet-1k, then fine-tuned on ImageNet-1k"),
@@ -76,6 +80,11 @@ class WeightSet:
         """The first hex digits of the file's SHA-256, as its name carries them (torch.hub's convention)."""
         return self.file_name.rsplit("-", 1)[1].split(".")[0]
 
+    @property
+    def timm_name(self) -> str:
+        """timm's name of these weights: its architecture, a dot, its pretrained tag."""
+        return f"{self.arch.name}.{TIMM_TAGS[self.supervision]}"
+
     def config(self) -> dict:
         """The metadata a model built from these weights carries as ``model.pretrained_cfg``."""
         classes = imagenet1k_classes()
@@ -106,7 +115,8 @@ Paper: {PAPER}.
 Args (keyword-only):
     pretrained=True: load the published weights; False initialises randomly.
     progress=True: show a progress bar while downloading.
-    weights=None: a checkpoint path or http(s)/file URL to load instead; a -<sha256 prefix> name is verified.
+    weights=None: a checkpoint (.pth, .safetensors), a model folder or an http(s)/file URL to load
+        instead; a -<sha256 prefix> name is verified.
         ${MIRROR_ENV}, if set, is a base URL to fetch the published file from.
     num_classes=None: the head of the weights (1000 ImageNet classes; a file saved by python -m
         utils.finetune brings its own head, class names and input size). Another number puts a new

@@ -19,6 +19,7 @@ from utils.inference.optimize import BACKENDS, DTYPE_NAMES, optimize_for_inferen
 from utils.system.distributed import give_up
 from utils.system.hardware import check_native
 from utils.weights import CheckpointError, download
+from utils.weights.checkpoint import FOLDER_WEIGHTS
 
 DEFAULT_ENTRY = "resnet50_swsl"
 
@@ -163,7 +164,7 @@ def device_name(text: str) -> str:
 
 
 def weights_source(text: str) -> str:
-    """``--weights``: an http(s):// or file:// URL, or a checkpoint file that is there."""
+    """``--weights``: an http(s):// or file:// URL, or a checkpoint file or model folder that is there."""
     try:
         if download.is_url(text, what=text):
             return text
@@ -172,7 +173,10 @@ def weights_source(text: str) -> str:
     path = Path(text).expanduser()
     if not path.exists():
         raise argparse.ArgumentTypeError(f"{text}: no such file")
-    if not path.is_file():
+    if path.is_dir() and not any((path / name).is_file() for name in FOLDER_WEIGHTS):
+        raise argparse.ArgumentTypeError(f"{text}: a folder without {' or '.join(FOLDER_WEIGHTS)}; give a checkpoint "
+                                         "file or a model folder")
+    if not (path.is_file() or path.is_dir()):
         raise argparse.ArgumentTypeError(f"{text}: not a regular file; give a checkpoint file")
     return text
 

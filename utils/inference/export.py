@@ -2,15 +2,19 @@
 
 The format follows the file's suffix: ``.pt`` (TorchScript, for C++ and torch.jit.load), ``.pt2``
 (torch.export, for torch.export.load and AOTInductor) or ``.onnx`` (ONNX, for onnxruntime, TensorRT,
-OpenVINO). Batch size, height and width stay free in the exported graph. ``onnx_program`` is also the
-export that the ONNX Runtime and OpenVINO backends run (utils/inference/backends.py).
+OpenVINO). Batch size, height and width stay free in the exported graph. Each file carries the model's
+license and ``pretrained_cfg`` (classes, transform) as string metadata: ONNX ``metadata_props``, and the
+extra files of TorchScript and torch.export (``read_metadata``). ``onnx_program`` is also the export that
+the ONNX Runtime and OpenVINO backends run (utils/inference/backends.py).
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import warnings
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,10 +33,31 @@ class ExportError(RuntimeError):
     """An export failed, or the exported file does not reproduce the model."""
 
 
+def metadata(model: nn.Module) -> dict[str, str]:
+    """What an exported file carries of ``model.pretrained_cfg``: the license, entry and paper, and the whole
+    of it as JSON, for the tools that read the file (class names, mean and std, input size)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    carried = {key: str(cfg[key]) for key in ("license", "entry", "paper") if cfg.get(key)}
+    return {**carried, "pretrained_cfg": json.dumps(cfg, default=str)} if cfg else {}
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string metadata that ``export`` wrote into the file (``{}`` for a file without any)."""
+    path = Path(path)
+    kind = FORMATS.get(path.suffix)
+    if kind == "onnx":
+        import onnx
+
+        return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    with zipfile.ZipFile(path) as archive:  # TorchScript and torch.export files are zip archives
+        return {name.split("/")[-1]: archive.read(name).decode() for name in archive.namelist()
+                if name.split("/")[-2:-1] == ["extra"]}
+
+
 def export(model: nn.Module, path: str | os.PathLike, verify: Callable[[Path], object] | None = None) -> Path:
-    """Write ``model`` (in eval mode) to ``path`` in the format of its suffix; see the module docstring.
-    ``verify(written)``, if given, checks the written file before it takes ``path``'s place: where it
-    raises, ``path`` stays as it was."""
+    """Write ``model`` (in eval mode) to ``path`` in the format of its suffix, with its ``metadata``; see the
+    module docstring. ``verify(written)``, if given, checks the written file before it takes ``path``'s
+    place: where it raises, ``path`` stays as it was."""
     path = Path(path)
     kind = FORMATS.get(path.suffix)
     if kind is None:
@@ -46,14 +71,16 @@ def export(model: nn.Module, path: str | os.PathLike, verify: Callable[[Path], o
     # Written beside it and renamed: a failed export leaves whatever was at ``path`` as it was.
     with replacing(path, path.with_name(f".{path.name}.{os.getpid()}.partial{path.suffix}")) as partial, \
             torch.no_grad():
+        carried = metadata(model)
         if kind == "torchscript":
             # Tracing records the ResNet's fixed sequence of operations; shapes stay symbolic.
             with _torchscript():
-                torch.jit.save(torch.jit.trace(model, example, strict=False), partial)
+                torch.jit.save(torch.jit.trace(model, example, strict=False), partial, _extra_files=carried)
         elif kind == "torch.export":
-            torch.export.save(torch.export.export(model, (example,), dynamic_shapes=_dynamic_shapes()), partial)
+            program = torch.export.export(model, (example,), dynamic_shapes=_dynamic_shapes())
+            torch.export.save(program, partial, extra_files=carried)
         else:
-            _export_onnx(model, example, partial)
+            _export_onnx(model, example, partial, carried)
         if verify is not None:
             try:
                 verify(partial)
@@ -77,8 +104,9 @@ def _dynamic_shapes() -> dict:
     return {"x": {0: torch.export.Dim.AUTO, 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}}
 
 
-def _export_onnx(model: nn.Module, example: Tensor, path: Path) -> None:
+def _export_onnx(model: nn.Module, example: Tensor, path: Path, carried: dict[str, str]) -> None:
     program = onnx_program(model, example)
+    program.model.metadata_props.update(carried)
     program.save(str(path), external_data=False)  # one file: every model here is under protobuf's 2 GiB
 
 

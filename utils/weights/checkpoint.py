@@ -5,12 +5,14 @@ checkpoint and only after their SHA-256 prefix checks out; utils/weights/downloa
 and lets one process download for many. Local files (paths and ``file://`` URLs) are read where they
 are, never copied into the cache.
 
-Loading is always ``weights_only``. Files in the cache, which are only ever replaced whole, are
-memory-mapped; a user's file is read into memory, so that the model never depends on it afterwards.
+Loading is always ``weights_only``; safetensors files (utils/weights/safetensors_file.py) hold no pickle
+at all. Files in the cache, which are only ever replaced whole, are memory-mapped; a user's file is read
+into memory, so that the model never depends on it afterwards.
 """
 from __future__ import annotations
 
 import glob
+import json
 import os
 import pickle
 import sys
@@ -24,7 +26,7 @@ from torch import Tensor, nn
 
 from utils.replace import replacing
 from utils.text import first
-from utils.weights import CheckpointError, download
+from utils.weights import CheckpointError, download, safetensors_file
 from utils.weights.cache import (
     cache_dir,
     cache_name,
@@ -44,11 +46,22 @@ ZIP_MAGIC = b"PK\x03\x04"
 LEGACY_MAGIC = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)
 
 
+# The weights file of a model folder (the Hugging Face Hub's and timm's layout), in order of preference.
+FOLDER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+
+
 def local_file(path: Path, *, expected_hash: str | None = None, origin: str | None = None) -> Path:
-    """``path``, checked to be a regular file, and against ``expected_hash`` (default: the prefix its name carries)."""
+    """``path`` (a model folder's weights file for a folder), checked to be a regular file, and against
+    ``expected_hash`` (default: the prefix its name carries)."""
     origin = origin or str(path)
     if not path.exists():
         raise FileNotFoundError(f"{origin}: no such file")
+    if path.is_dir():
+        found = [path / name for name in FOLDER_WEIGHTS if (path / name).is_file()]
+        if not found:
+            raise FileNotFoundError(f"{origin} is a folder without {' or '.join(FOLDER_WEIGHTS)}: give a model folder "
+                                    "(python -m utils.export DIR --format hf writes one) or a weights file")
+        path = found[0]
     if not path.is_file():
         raise CheckpointError(f"{origin} is not a regular file: give the path of a checkpoint file")
     if expected := expected_hash or hash_prefix(path.name):
@@ -114,19 +127,21 @@ def _make_cache_dir() -> None:
             "downloaded>") from e
 
 
-def check_format(path: Path, origin: str, received: bool = False) -> bool:
-    """Whether ``path`` is in torch.save's zip format (else its legacy one); CheckpointError if it
-    starts like neither."""
+def check_format(path: Path, origin: str, received: bool = False) -> str:
+    """The format of ``path``: "zip" or "legacy" (torch.save's two) or "safetensors"; CheckpointError if it
+    starts like none of them."""
     with open(path, "rb") as f:
         head = f.read(512)
     if head.startswith(ZIP_MAGIC):
-        return True
+        return "zip"
     if head.startswith(LEGACY_MAGIC):
-        return False
+        return "legacy"
+    if safetensors_file.looks_like(head, path.stat().st_size):
+        return "safetensors"
     what = file_kind(head, path.stat().st_size)
     hint = " (a login or error page in place of the file?). Nothing was cached; check the URL" if received else (
         f". Remove it with {clear_command(path)}" if in_cache(path) else
-        ": give a file written by torch.save(model.state_dict(), ...)")
+        ": give a file written by torch.save(model.state_dict(), ...) or a .safetensors file")
     raise CheckpointError(f"{origin} is not a PyTorch checkpoint: it holds {what}{hint}")
 
 
@@ -152,21 +167,25 @@ def file_kind(head: bytes, size: int) -> str:
 
 
 def load_checkpoint(path: Path, origin: str | None = None) -> tuple[dict[str, Tensor], object]:
-    """The state dict in ``path``, legacy (pre-1.6) or zip format, loaded with ``weights_only=True``, and
-    what the file says of itself beside it under "pretrained_cfg" (a fine-tuned file's description; None
-    if there is none), unchecked.
+    """The state dict in ``path``, legacy (pre-1.6) or zip format loaded with ``weights_only=True``, or
+    safetensors, and what the file says of itself beside it under "pretrained_cfg" (a fine-tuned file's
+    description, as JSON in a safetensors header; None if there is none), unchecked.
 
     Training checkpoints that keep the state dict under "state_dict" or "model", and keys saved with a
     DataParallel "module." prefix, are unwrapped. Tensors must be dense, real and finite.
     """
     origin = origin or str(path)
     cached = in_cache(path)
-    is_zip = check_format(path, origin)
+    kind = check_format(path, origin)
     loaded = path.stat()
     try:
+        if kind == "safetensors":
+            return _state_dict(safetensors_file.load(path), path, origin), read_description(path)
         # Only the cache's files are memory-mapped: they are replaced whole, never rewritten in place,
         # whereas a user may save over their own file while the model is alive.
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=cached and is_zip)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=cached and kind == "zip")
+    except CheckpointError:
+        raise
     except pickle.UnpicklingError as e:
         if "weights_only" in str(e) or "Weights only" in str(e):
             removed = cached and _discard(path, loaded)
@@ -181,6 +200,13 @@ def load_checkpoint(path: Path, origin: str | None = None) -> tuple[dict[str, Te
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
+    return _state_dict(obj, path, origin), description
+
+
+def _state_dict(obj: object, path: Path, origin: str) -> dict[str, Tensor]:
+    """``obj`` checked to be a state dict of dense, real, finite tensors, without a DataParallel prefix,
+    its floating-point tensors in float32."""
+    cached = in_cache(path)
     if not (isinstance(obj, dict) and obj and all(isinstance(k, str) and isinstance(v, Tensor)
                                                   for k, v in obj.items())):
         raise CheckpointError(f"{origin} does not hold a state dict (a dict of tensors by parameter name): "
@@ -200,18 +226,28 @@ def load_checkpoint(path: Path, origin: str | None = None) -> tuple[dict[str, Te
                   else "The file is damaged, or the training that wrote it diverged")
         raise CheckpointError(f"{origin} holds NaN or infinite values in {_some(bad)}. {remedy}")
     # Models are float32; a half-precision file is widened once here rather than on every forward.
-    return {k: v.float() if v.is_floating_point() else v for k, v in obj.items()}, description
+    return {k: v.float() if v.is_floating_point() else v for k, v in obj.items()}
 
 
 def read_description(path: Path) -> object:
-    """What a checkpoint says of itself under "pretrained_cfg" (None if nothing), in either format. Its
-    tensors go to the meta device: nothing of their size is allocated, and loading proper reads them once."""
+    """What a checkpoint says of itself under "pretrained_cfg" (None if nothing), in any format. Its
+    tensors are not read (torch's go to the meta device), and loading proper reads them once; a
+    safetensors header's JSON that does not parse is returned as the string it is, for the caller to refuse."""
     try:
-        check_format(path, str(path))
+        if check_format(path, str(path)) == "safetensors":
+            text = safetensors_file.read_metadata(path).get(DESCRIPTION)
+            return None if text is None else _json_or_text(text)
         obj = torch.load(path, map_location="meta", weights_only=True)
     except Exception:  # noqa: BLE001  (loading proper reports what is wrong with the file)
         return None
     return obj.get(DESCRIPTION) if isinstance(obj, dict) else None
+
+
+def _json_or_text(text: str) -> object:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def _some(names: list[str], n: int = 8) -> str:
