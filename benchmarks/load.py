@@ -1,6 +1,6 @@
-"""Whole-process time and peak memory of loading a pretrained model, against a bare torch.load.
+"""Whole-process time and peak memory of loading a pretrained model, against a bare load of the file.
 
-    python benchmarks/load.py [--entry resnext101_32x16d_swsl] [--repeats 5]
+    python benchmarks/load.py [--entry resnext101_32x16d_swsl] [--repeats 5] [--safetensors]
 
 A random checkpoint of the entry's architecture is written in the published (legacy) format to the
 entry's place in a temporary torch.hub cache, recorded as verified, so the cache is warm and nothing
@@ -10,6 +10,10 @@ alternating so that they share the machine's state, each command runs in a fresh
   bare      python -c "import torch; torch.load(FILE, weights_only=True)"
   hub       python -c "import torch; torch.hub.load(REPO, ENTRY, source='local')"
   naive     the original repository's way: build with random initialisation, then copy the weights in
+
+With --safetensors, the file is a user's safetensors file instead, outside the cache: bare is
+safetensors.torch.load_file(FILE) (which memory-maps it), hub passes weights=FILE (read into memory,
+so that the model does not depend on the file), naive copies load_file's tensors into a random model.
 
 Reported: median wall time and peak resident memory (ru_maxrss) of each, and their ratio to bare.
 Targets for hub: at most 1.15x bare's time and 1.1x its peak memory.
@@ -35,6 +39,13 @@ COMMANDS = {
               "m = create_model({entry!r}, pretrained=False); "
               "m.load_state_dict(torch.load({file!r}, weights_only=True))"),
 }
+SAFETENSORS_COMMANDS = {
+    "bare": "import safetensors.torch; safetensors.torch.load_file({file!r})",
+    "hub": "import torch; torch.hub.load({repo!r}, {entry!r}, source='local', weights={file!r})",
+    "naive": ("import sys, safetensors.torch; sys.path.insert(0, {repo!r}); from models import create_model; "
+              "m = create_model({entry!r}, pretrained=False); "
+              "m.load_state_dict(safetensors.torch.load_file({file!r}))"),
+}
 TARGETS = {"hub": (1.15, 1.10)}
 
 
@@ -53,6 +64,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--entry", default="resnext101_32x16d_swsl")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--safetensors", action="store_true", help="a user's safetensors file (weights=FILE)")
     args = parser.parse_args()
 
     import torch
@@ -70,8 +82,17 @@ def main() -> None:
         cache.record(file, WEIGHTS[args.entry].hash_prefix.ljust(64, "0"))
         print(f"{file.stat().st_size / 2**20:.0f} MiB; {args.repeats} runs of each, alternating\n", flush=True)
 
+        commands = COMMANDS
+        if args.safetensors:
+            import safetensors.torch
+
+            commands, legacy = SAFETENSORS_COMMANDS, file
+            file = Path(home) / "mine.safetensors"
+            safetensors.torch.save_file(torch.load(legacy, weights_only=True), file)
+            legacy.unlink()
+            print(f"as safetensors: {file}, {file.stat().st_size / 2**20:.0f} MiB\n", flush=True)
         env = {**os.environ, "TORCH_HOME": home, "PYTHONWARNINGS": "ignore"}
-        codes = {name: code.format(file=str(file), repo=str(REPO), entry=args.entry) for name, code in COMMANDS.items()}
+        codes = {name: code.format(file=str(file), repo=str(REPO), entry=args.entry) for name, code in commands.items()}
         run(codes["bare"], env)  # warm the page cache
         results: dict[str, list[tuple[float, float]]] = {name: [] for name in codes}
         for _ in range(args.repeats):

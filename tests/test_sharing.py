@@ -21,7 +21,7 @@ from models.registry import MEAN, STD
 from models.resnet import BLOCKS, ResNet
 from utils import export as export_command
 from utils.inference.export import sample_batch
-from utils.weights import CheckpointError
+from utils.weights import CheckpointError, safetensors_file
 
 from .conftest import REPO, random_state_dict, randomize_statistics, sha256
 
@@ -114,17 +114,59 @@ def run_python(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
-def test_safetensors_is_optional_named_when_missing_and_never_imported_for_pth(resnet18_checkpoint, tmp_path):
+def test_safetensors_is_optional_reading_needs_no_package_and_writing_names_it(resnet18_checkpoint, tmp_path):
     path = tmp_path / "r18.safetensors"
     safetensors.torch.save_file(torch.load(resnet18_checkpoint, weights_only=True), path)
-    done = run_python("import sys\nfrom models import create_model\n"
-                      f"create_model('resnet18_ssl', weights={str(resnet18_checkpoint)!r})\n"
-                      "print('safetensors' in sys.modules)")
-    assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr
+    for weights in (resnet18_checkpoint, path):  # neither a .pth nor a .safetensors file imports the package
+        done = run_python("import sys\nfrom models import create_model\n"
+                          f"create_model('resnet18_ssl', weights={str(weights)!r})\n"
+                          "print('safetensors' in sys.modules)")
+        assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr
     done = run_python("import sys\nsys.modules['safetensors'] = None  # as if not installed\n"
-                      "from models import create_model\n"
-                      f"create_model('resnet18_ssl', weights={str(path)!r})")
+                      "from models import create_model\nfrom utils.export import save_safetensors\n"
+                      f"model = create_model('resnet18_ssl', weights={str(path)!r})\n"
+                      f"save_safetensors(model, {str(tmp_path / 'out.safetensors')!r})")
     assert done.returncode == 1 and "pip install safetensors" in done.stderr.strip().splitlines()[-1], done.stderr
+
+
+def test_the_reader_gives_what_the_safetensors_package_gives_for_every_dtype(tmp_path):
+    tensors = {"f32": torch.randn(3, 4), "f16": torch.randn(2).half(), "bf16": torch.randn(5).bfloat16(),
+               "f64": torch.randn(2, 1).double(), "i64": torch.arange(7), "i8": torch.arange(-3, 3).to(torch.int8),
+               "bool": torch.tensor(True), "empty": torch.zeros(0, 3), "scalar": torch.tensor(2.5)}
+    safetensors.torch.save_file(tensors, tmp_path / "all.safetensors", metadata={"k": "v"})
+    read, expected = safetensors_file.load(tmp_path / "all.safetensors"), safetensors.torch.load_file(
+        tmp_path / "all.safetensors")
+    assert read.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert read[name].dtype == tensor.dtype and read[name].shape == tensor.shape and torch.equal(read[name], tensor)
+    assert safetensors_file.read_metadata(tmp_path / "all.safetensors") == {"k": "v"}
+
+
+@pytest.mark.parametrize("damage, error", [("offsets past the end", "do not fit its shape and the file"),
+                                           ("overlapping offsets", "do not fit its shape and the file"),
+                                           ("cut short", "do not fit its shape and the file"),
+                                           ("unknown dtype", "dtype 'F8_E4M3' is none that a model holds")])
+def test_a_header_that_does_not_describe_its_bytes_is_refused(damage, error, tmp_path):
+    safetensors.torch.save_file({"a": torch.randn(4), "b": torch.randn(4)}, tmp_path / "x.safetensors")
+    data = (tmp_path / "x.safetensors").read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + length])
+    body = data[8 + length:]
+    if damage == "offsets past the end":
+        header["b"]["data_offsets"] = [16, 48]
+        header["b"]["shape"] = [8]
+    elif damage == "overlapping offsets":
+        header["b"]["data_offsets"] = [8, 24]
+    elif damage == "cut short":
+        body = body[:20]
+    else:
+        header["a"]["dtype"] = "F8_E4M3"
+    text = json.dumps(header).encode()
+    (tmp_path / "x.safetensors").write_bytes(len(text).to_bytes(8, "little") + text + body)
+    with pytest.raises(ValueError, match=error):
+        safetensors_file.load(tmp_path / "x.safetensors")
+    with pytest.raises(CheckpointError, match=f"could not read the checkpoint .*x.safetensors: ValueError: .*{error}"):
+        create_model("resnet18_ssl", weights=tmp_path / "x.safetensors")
 
 
 # --- a fine-tuned file, exported, keeps its description -----------------------------------------------------------
