@@ -15,7 +15,7 @@ LAYERS = (
     ("utils.classify", "utils.evaluate", "utils.finetune", "utils.benchmark", "utils.export", "utils.cache",
      "utils.embed", "utils.probe"),
     ("utils.cli", "utils.training", "utils.features"),  # what the commands share; fine-tuning; frozen features
-    ("models",),  # architectures, the registry, building a model and loading its weights
+    ("models",),  # architectures, the registry, building a model, loading its weights and saving them for others
     ("utils.inference",),  # fast inference and export of any ResNet of torchvision's layout
     ("utils.system",),  # the machine and its processes: native precisions, timing, torchrun, accuracy counts
     ("utils.images", "utils.weights"),  # images in, tensors out; fetching and verifying checkpoints

@@ -198,12 +198,25 @@ TIMM_ARCHITECTURES = {
 }
 
 
+# The fields of timm's PretrainedCfg dataclass, which timm builds from config.json's pretrained_cfg: a key
+# outside them is a TypeError there.
+TIMM_PRETRAINED_CFG_FIELDS = {
+    "url", "file", "state_dict", "hf_hub_id", "hf_hub_filename", "source", "architecture", "tag", "custom_load",
+    "input_size", "test_input_size", "min_input_size", "fixed_input_size", "interpolation", "crop_pct",
+    "test_crop_pct", "crop_mode", "mean", "std", "num_classes", "label_offset", "label_names", "label_descriptions",
+    "pool_size", "test_pool_size", "first_conv", "classifier", "license", "description", "origin_url", "paper_name",
+    "paper_ids", "notes"}
+TIMM_CONFIG_KEYS = {"architecture", "num_classes", "num_features", "global_pool", "label_names", "label_descriptions",
+                    "model_args", "pretrained_cfg"}
+
+
 def timm_local_dir(folder: Path):
     """What ``timm.create_model("local-dir:FOLDER", pretrained=True)`` builds, by timm's documented format:
     config.json's pretrained_cfg, with num_classes and label_names from the top level overriding it; the
     network that "architecture" names, with num_classes outputs; model.safetensors loaded strictly; and the
     data config that timm.data.resolve_model_data_config takes from pretrained_cfg."""
     config = json.loads((folder / "config.json").read_text())
+    assert config.keys() <= TIMM_CONFIG_KEYS and config["pretrained_cfg"].keys() <= TIMM_PRETRAINED_CFG_FIELDS
     pretrained_cfg = dict(config["pretrained_cfg"])
     pretrained_cfg["num_classes"] = config["num_classes"]
     if "label_names" in config:
