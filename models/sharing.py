@@ -193,4 +193,7 @@ def _origin(cfg: dict, weight_set, description: dict | None) -> str:
     if description:
         return f"fine-tuned from {published}"
     source = cfg.get("source")
-    return published if source == weight_set.url else f"{source}, in the {weight_set.entry} network"
+    origin = published if source == weight_set.url else f"{source}, in the {weight_set.entry} network"
+    if cfg.get("head") == "new":  # a head put on after loading: its weights are not the file's
+        origin += f", with a {cfg['num_classes']}-class head (fc) of its own"
+    return origin

@@ -266,6 +266,10 @@ def test_the_model_card_says_license_paper_accuracy_and_recipe(source, finetuned
         assert body.startswith("# Model card for resnet18_ssl fine-tuned on 3 classes")
     else:
         assert body.startswith(f"# Model card for {w.timm_name}") and w.url in body
+        assert "head (fc) of its own" not in body
+        model = create_model("resnet18_ssl", num_classes=4)  # a head of its own, put on after loading
+        card = (export_command.save_folder(model, tmp_path / "g") / "README.md").read_text()
+        assert f"{w.url} (SHA-256 {w.hash_prefix}...)" in card and "with a 4-class head (fc) of its own" in card
 
 
 def test_a_folder_that_does_not_reproduce_the_model_leaves_the_folder_as_it_was(resnet18_checkpoint, tmp_path):
