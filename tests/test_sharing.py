@@ -38,8 +38,19 @@ def finetuned_file(tmp_path_factory) -> Path:
                                       {"recipe": {"epochs": 3, "lr": 0.01}, "train": "photos/train",
                                        "result": {"epoch": 3, "val_top1": 91.25}})
     path = tmp_path_factory.mktemp("finetuned") / "best.pth"
+    model.to(memory_format=torch.channels_last)  # as utils.finetune trains, and so saves, its weights
     torch.save({"model": model.state_dict(), finetuned.KEY: description}, path)
     return path
+
+
+def test_the_same_weights_give_the_same_outputs_whatever_the_files_layout(finetuned_file, tmp_path):
+    saved = torch.load(finetuned_file, weights_only=True)
+    assert not saved["model"]["conv1.weight"].is_contiguous()  # channels_last in the file
+    saved["model"] = {k: v.contiguous() for k, v in saved["model"].items()}
+    torch.save(saved, tmp_path / "contiguous.pth")
+    model = create_model("resnet18_ssl", weights=finetuned_file)
+    assert all(t.is_contiguous() for t in model.state_dict().values())
+    assert torch.equal(outputs(model), outputs(create_model("resnet18_ssl", weights=tmp_path / "contiguous.pth")))
 
 
 def outputs(model, batch=None):
@@ -176,7 +187,7 @@ def test_a_finetuned_file_exported_loads_back_with_nothing_else(finetuned_file, 
     out = tmp_path / ("ft.safetensors" if fmt == "safetensors" else "ft-folder")
     args = [str(out), "--weights", str(finetuned_file)] + (["--format", "hf"] if fmt == "hf" else [])
     assert export_command.main(args) == 0, capsys.readouterr().err
-    assert "equal the eager model's exactly, loaded back with weights=" in capsys.readouterr().out
+    assert "loaded back with weights=OUTPUT, which holds the same weights exactly" in capsys.readouterr().out
     original = create_model("resnet18_ssl", weights=finetuned_file)
     # the hub entry, as a user loads it, without num_classes or input size
     loaded = torch.hub.load(str(REPO), "resnet18_ssl", source="local", weights=str(out))
@@ -270,6 +281,25 @@ def test_the_model_card_says_license_paper_accuracy_and_recipe(source, finetuned
         model = create_model("resnet18_ssl", num_classes=4)  # a head of its own, put on after loading
         card = (export_command.save_folder(model, tmp_path / "g") / "README.md").read_text()
         assert f"{w.url} (SHA-256 {w.hash_prefix}...)" in card and "with a 4-class head (fc) of its own" in card
+
+
+def test_the_card_gives_the_published_accuracy_only_for_weights_that_descend_from_them(finetuned_file, tmp_path):
+    saved = torch.load(finetuned_file, weights_only=True)
+    saved[finetuned.KEY]["finetuning"]["recipe"]["no_pretrained"] = True  # trained from random weights
+    torch.save(saved, tmp_path / "scratch.pth")
+    for weights, pretrained in ((tmp_path / "scratch.pth", True), (None, False)):
+        model = create_model("resnet18_ssl", weights=weights, pretrained=pretrained)
+        card = (export_command.save_folder(model, tmp_path / f"f{pretrained}") / "README.md").read_text()
+        assert "random" in card.split("**Weights:**")[1].splitlines()[0]
+        assert "ImageNet-1k validation accuracy" not in card and WEIGHTS["resnet18_ssl"].url not in card
+
+
+def test_the_weights_file_is_as_readable_as_the_users_other_new_files(resnet18_checkpoint, tmp_path):
+    folder = export_command.save_folder(create_model("resnet18_ssl", weights=resnet18_checkpoint), tmp_path / "f")
+    os.umask(previous := os.umask(0o022))
+    expected = 0o666 & ~previous
+    assert {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()} == dict.fromkeys(
+        ("model.safetensors", "config.json", "README.md"), expected)
 
 
 def test_a_folder_that_does_not_reproduce_the_model_leaves_the_folder_as_it_was(resnet18_checkpoint, tmp_path):

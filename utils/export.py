@@ -35,6 +35,7 @@ from utils.cli import (
 )
 from utils.inference.export import (  # noqa: F401
     FORMATS,
+    TOLERANCE,
     ExportError,
     check,
     export,
@@ -81,10 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         model = create_model(args.model, pretrained=not args.no_pretrained, weights=args.weights,
                              num_classes=args.num_classes, features_only=args.features_only)
         set_input_size(model, args.img_size)  # the size of the check on the sample photos
-        if kind == FOLDER:
-            path, checked = sharing.save_folder(model, output), "exactly, loaded back with weights=OUTPUT"
-        elif kind == "safetensors":
-            path, checked = sharing.save_safetensors(model, output), "exactly, loaded back with weights=OUTPUT"
+        if kind in (FOLDER, "safetensors"):
+            path = (sharing.save_folder if kind == FOLDER else sharing.save_safetensors)(model, output)
+            checked = f"within {TOLERANCE:.0e}, loaded back with weights=OUTPUT, which holds the same weights exactly"
         else:
             batch, errors = sample_batch(model), []
             # Checked before it replaces what is at OUTPUT: a file that fails the check never takes its place.

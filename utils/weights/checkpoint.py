@@ -225,8 +225,10 @@ def _state_dict(obj: object, path: Path, origin: str) -> dict[str, Tensor]:
         remedy = (f"Remove it with {clear_command(path)} and load again" if cached
                   else "The file is damaged, or the training that wrote it diverged")
         raise CheckpointError(f"{origin} holds NaN or infinite values in {_some(bad)}. {remedy}")
-    # Models are float32; a half-precision file is widened once here rather than on every forward.
-    return {k: v.float() if v.is_floating_point() else v for k, v in obj.items()}
+    # Models are float32; a half-precision file is widened once here rather than on every forward. And the
+    # same weights compute the same outputs whatever the file's layout: channels_last ones (as a model trained
+    # in channels_last saves them) are laid out as the rest.
+    return {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in obj.items()}
 
 
 def read_description(path: Path) -> object:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import sys
+import uuid
 from pathlib import Path
 from typing import BinaryIO
 
@@ -79,9 +81,22 @@ def _header(f: BinaryIO) -> tuple[dict, int]:
 
 
 def save(tensors: dict[str, Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
-    """``tensors`` (contiguous copies where they are views) with the string ``metadata`` in the header."""
+    """``tensors`` (contiguous copies where they are views) with the string ``metadata`` in the header, readable
+    by whom the user's other new files are (the package writes them for their owner alone)."""
     _package(path).save_file({k: v.detach().contiguous() for k, v in tensors.items()}, os.fspath(path),
                              metadata=metadata)
+    os.chmod(path, _new_file_mode(Path(path).parent))
+
+
+def _new_file_mode(folder: Path) -> int:
+    """The permissions a new file gets in ``folder``: 0o666 less the umask, found without changing it."""
+    probe = folder / f".mode.{uuid.uuid4().hex}"
+    descriptor = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+    try:
+        return stat.S_IMODE(os.fstat(descriptor).st_mode)
+    finally:
+        os.close(descriptor)
+        probe.unlink()
 
 
 def _package(path: str | os.PathLike):
