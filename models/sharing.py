@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from models import finetuned
+from models.factory import create_model
 from models.registry import ARXIV, ORIGINAL_REPOSITORY, PAPER, SUPERVISION, WEIGHTS
 from utils.inference.compare import relative_error
 from utils.inference.export import TOLERANCE, ExportError, metadata, sample_batch
@@ -34,7 +35,7 @@ FOLDER_FILES = (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME)
 
 def save_safetensors(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write ``model``'s state dict and its metadata to the safetensors file ``path``, checked: loaded back
-    with ``create_model(weights=...)``, it gives the same outputs."""
+    with ``create_model(weights=...)``, it holds the same weights and gives the same outputs."""
     path = Path(path)
     _check_exportable(model)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -92,17 +93,18 @@ def _write_weights(model: nn.Module, path: Path) -> None:
     safetensors_file.save(model.state_dict(), path, {"format": "pt", **carried})
 
 
+def _head_size(model: nn.Module) -> int:
+    head = getattr(model, "fc", None)
+    return head.out_features if isinstance(head, nn.Linear) else 0
+
+
 def _check_loads_back(model: nn.Module, written: Path, final: Path) -> None:
     """``written`` loaded with ``create_model`` holds ``model``'s weights exactly and its classes, and gives its
     outputs on the sample photos (to float rounding: the model's own tensors may be laid out otherwise, e.g.
     channels_last); an ExportError naming ``final`` otherwise."""
-    from models.factory import create_model  # the factory loads folders through this module
-
     cfg = model.pretrained_cfg
-    head = getattr(model, "fc", None)
-    num_classes = head.out_features if isinstance(head, nn.Linear) else 0
     try:
-        loaded = create_model(cfg["entry"], weights=written, num_classes=num_classes, progress=False)
+        loaded = create_model(cfg["entry"], weights=written, num_classes=_head_size(model), progress=False)
     except (RuntimeError, ValueError) as e:
         raise ExportError(f"{final} does not load back: {e}") from None
     mine, theirs = model.state_dict(), loaded.state_dict()
@@ -122,10 +124,9 @@ def timm_config(model: nn.Module) -> dict:
     in ``pretrained_cfg``, with the class names as ``label_names``."""
     cfg = model.pretrained_cfg
     weight_set = WEIGHTS[cfg["entry"]]
-    head = getattr(model, "fc", None)
-    num_classes = head.out_features if isinstance(head, nn.Linear) else 0
-    size = cfg["input_size"][-1]
-    tag = weight_set.timm_name.split(".", 1)[1] if finetuned.of_model(cfg) is None else "finetuned"
+    num_classes, size = _head_size(model), cfg["input_size"][-1]
+    published = cfg.get("source") == weight_set.url and cfg.get("head") != "new"  # the published weights, as is
+    tag = "finetuned" if finetuned.of_model(cfg) else weight_set.timm_name.split(".", 1)[1] if published else "custom"
     pretrained_cfg = {
         "tag": tag, "custom_load": False, "input_size": list(cfg["input_size"]), "fixed_input_size": False,
         "interpolation": cfg["interpolation"], "crop_pct": cfg["crop_pct"], "crop_mode": "center",

@@ -195,7 +195,7 @@ def test_a_finetuned_file_exported_loads_back_with_nothing_else(finetuned_file, 
         assert loaded.pretrained_cfg[key] == original.pretrained_cfg[key], key
     assert torch.equal(outputs(loaded), outputs(original))
     # and the commands default --model to it, as for the .pth
-    assert export_command.main([str(tmp_path / "again.onnx"), "--weights", str(out)]) == 0
+    assert export_command.main([str(tmp_path / "again.pt"), "--weights", str(out)]) == 0
 
 
 # --- the Hugging Face / timm folder, read as timm reads it -------------------------------------------------------
