@@ -40,7 +40,6 @@ from utils.inference.export import (  # noqa: F401
     check,
     export,
     load,
-    read_metadata,
     sample_batch,
 )
 from utils.weights import download

@@ -7,8 +7,6 @@ from torch import Tensor
 
 KS = (1, 5, 10, 20, 50, 100)  # 10 to 100 as DINO reports them; 1 and 5 for small training sets
 TEMPERATURE = 0.07
-
-
 SIMILARITIES = 2**26  # per batch of val rows (256 MiB of float32), whatever the number of training rows
 
 

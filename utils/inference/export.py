@@ -4,8 +4,8 @@ The format follows the file's suffix: ``.pt`` (TorchScript, for C++ and torch.ji
 (torch.export, for torch.export.load and AOTInductor) or ``.onnx`` (ONNX, for onnxruntime, TensorRT,
 OpenVINO). Batch size, height and width stay free in the exported graph. Each file carries the model's
 license and ``pretrained_cfg`` (classes, transform) as string metadata: ONNX ``metadata_props``, and the
-extra files of TorchScript and torch.export (``read_metadata``). ``onnx_program`` is also the export that
-the ONNX Runtime and OpenVINO backends run (utils/inference/backends.py).
+extra files of TorchScript and torch.export (``torch.jit.load(path, _extra_files=...)``). ``onnx_program``
+is also the export that the ONNX Runtime and OpenVINO backends run (utils/inference/backends.py).
 """
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import warnings
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,19 +38,6 @@ def metadata(model: nn.Module) -> dict[str, str]:
     cfg = getattr(model, "pretrained_cfg", None) or {}
     carried = {key: str(cfg[key]) for key in ("license", "entry", "paper") if cfg.get(key)}
     return {**carried, "pretrained_cfg": json.dumps(cfg, default=str)} if cfg else {}
-
-
-def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The string metadata that ``export`` wrote into the file (``{}`` for a file without any)."""
-    path = Path(path)
-    kind = FORMATS.get(path.suffix)
-    if kind == "onnx":
-        import onnx
-
-        return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-    with zipfile.ZipFile(path) as archive:  # TorchScript and torch.export files are zip archives
-        return {name.split("/")[-1]: archive.read(name).decode() for name in archive.namelist()
-                if name.split("/")[-2:-1] == ["extra"]}
 
 
 def export(model: nn.Module, path: str | os.PathLike, verify: Callable[[Path], object] | None = None) -> Path:
