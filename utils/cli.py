@@ -19,7 +19,7 @@ from utils.inference.optimize import BACKENDS, DTYPE_NAMES, optimize_for_inferen
 from utils.system.distributed import give_up
 from utils.system.hardware import check_native
 from utils.weights import CheckpointError, download
-from utils.weights.checkpoint import FOLDER_WEIGHTS
+from utils.weights.checkpoint import NO_FOLDER_WEIGHTS, folder_weights
 
 DEFAULT_ENTRY = "resnet50_swsl"
 
@@ -173,9 +173,8 @@ def weights_source(text: str) -> str:
     path = Path(text).expanduser()
     if not path.exists():
         raise argparse.ArgumentTypeError(f"{text}: no such file")
-    if path.is_dir() and not any((path / name).is_file() for name in FOLDER_WEIGHTS):
-        raise argparse.ArgumentTypeError(f"{text}: a folder without {' or '.join(FOLDER_WEIGHTS)}; give a checkpoint "
-                                         "file or a model folder")
+    if path.is_dir() and folder_weights(path) is None:
+        raise argparse.ArgumentTypeError(f"{text}: {NO_FOLDER_WEIGHTS}; give a checkpoint file or a model folder")
     if not (path.is_file() or path.is_dir()):
         raise argparse.ArgumentTypeError(f"{text}: not a regular file; give a checkpoint file")
     return text

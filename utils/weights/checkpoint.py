@@ -48,6 +48,12 @@ LEGACY_MAGIC = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)
 
 # The weights file of a model folder (the Hugging Face Hub's and timm's layout), in order of preference.
 FOLDER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+NO_FOLDER_WEIGHTS = f"a folder without {' or '.join(FOLDER_WEIGHTS)}"
+
+
+def folder_weights(directory: Path) -> Path | None:
+    """The weights file of the model folder ``directory``, or None where it holds none."""
+    return next((directory / name for name in FOLDER_WEIGHTS if (directory / name).is_file()), None)
 
 
 def local_file(path: Path, *, expected_hash: str | None = None, origin: str | None = None) -> Path:
@@ -57,11 +63,10 @@ def local_file(path: Path, *, expected_hash: str | None = None, origin: str | No
     if not path.exists():
         raise FileNotFoundError(f"{origin}: no such file")
     if path.is_dir():
-        found = [path / name for name in FOLDER_WEIGHTS if (path / name).is_file()]
-        if not found:
-            raise FileNotFoundError(f"{origin} is a folder without {' or '.join(FOLDER_WEIGHTS)}: give a model folder "
-                                    "(python -m utils.export DIR --format hf writes one) or a weights file")
-        path = found[0]
+        path = folder_weights(path) or path
+        if path.is_dir():
+            raise FileNotFoundError(f"{origin} is {NO_FOLDER_WEIGHTS}: give a model folder (python -m utils.export "
+                                    "DIR --format hf writes one) or a weights file")
     if not path.is_file():
         raise CheckpointError(f"{origin} is not a regular file: give the path of a checkpoint file")
     if expected := expected_hash or hash_prefix(path.name):
